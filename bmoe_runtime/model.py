@@ -1,0 +1,150 @@
+"""A small decoder-only LM with a ButterflyMoE FFN in every block (nanoGPT-shaped).
+
+Pre-norm blocks, causal multi-head attention, learned positions, tied embeddings.
+`forward(ids, past)` takes and returns a per-layer KV cache, so the same code serves
+training (no cache), generation, and the exported decode graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .moe import EXPERT_FORMS, VARIANTS, ButterflyMoE, balance_loss
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value) [B, H, T, d_head]
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 512
+    n_experts: int = 8
+    top_k: int = 2
+    max_seq: int = 256
+    variant: str = "butterfly"
+    expert_form: str = "paper"
+    router_noise: float = 0.1
+    balance_weight: float = 0.01
+    per_row_scale: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
+        if self.expert_form not in EXPERT_FORMS:
+            raise ValueError(f"unknown expert form {self.expert_form!r}; expected one of {', '.join(EXPERT_FORMS)}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "n_experts", "top_k", "max_seq"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds n_experts {self.n_experts}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (z.reshape(b, t, self.n_heads, self.d_head).transpose(1, 2) for z in (q, k, v))
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        p = k.shape[2] - t  # cached positions before this chunk
+        # query i sits at absolute position p + i and may see keys 0 .. p + i
+        mask = torch.arange(p + t, device=x.device)[None, :] <= (p + torch.arange(t, device=x.device))[:, None]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.d_head))
+        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        return self.out(y), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_moe = nn.LayerNorm(cfg.d_model)
+        self.moe = ButterflyMoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.variant, cfg.expert_form,
+                                cfg.router_noise, cfg.per_row_scale)
+
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
+        a, present = self.attn(self.ln_attn(x), past)
+        x = x + a
+        x = x + self.moe(self.ln_moe(x))
+        return x, present
+
+
+class MoELM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """ids [B, T] → logits [B, T, V] and the KV cache including these T positions."""
+        t = ids.shape[1]
+        start = 0 if past is None else past[0][0].shape[2]
+        pos = torch.arange(start, start + t, device=ids.device)
+        x = self.tok_emb(ids) + self.pos_emb(pos)[None]
+        present: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if past is None else past[i])
+            present.append(kv)
+        logits = self.ln_f(x) @ self.tok_emb.weight.T  # tied embeddings
+        return logits, present
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total loss with load balance, cross-entropy alone)."""
+        logits, _ = self(ids)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return ce + self.cfg.balance_weight * balance_loss(self).to(ce.device), ce
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, n_new: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation with the KV cache; ids [B, T]."""
+        if ids.shape[1] + n_new > self.cfg.max_seq:
+            raise ValueError(f"prompt + new tokens ({ids.shape[1]} + {n_new}) exceed max_seq {self.cfg.max_seq}")
+        logits, past = self(ids)
+        out = [ids]
+        for step in range(n_new):
+            last = logits[:, -1]
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(last / temperature, dim=-1), 1, generator=generator)
+            else:
+                nxt = last.argmax(dim=-1, keepdim=True)
+            out.append(nxt)
+            if step + 1 < n_new:
+                logits, past = self(nxt, past)
+        return torch.cat(out, dim=1)
