@@ -44,3 +44,14 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
     run = {"steps": steps, "batch": batch, "seq": seq, "lr": lr, "eval_every": eval_every, "seed": seed}
     train(data, out, preset, {k: v for k, v in model.items() if v is not None},
           {k: v for k, v in run.items() if v is not None}, tokenizer, bpe_vocab, device, resume, log=click.echo)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main_cli():
+    """bmoe: train, export and run ButterflyMoE models."""
+
+
+main_cli.add_command(train_cli, "train")
+
+if __name__ == "__main__":
+    main_cli()

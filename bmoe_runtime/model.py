@@ -70,7 +70,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
+        # 2-D projections export as Gemm on the named weights (no folded transposed copies)
+        q, k, v = self.qkv(x.reshape(b * t, d)).reshape(b, t, 3 * d).split(d, dim=2)
         q, k, v = (z.reshape(b, t, self.n_heads, self.d_head).transpose(1, 2) for z in (q, k, v))
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
@@ -81,7 +82,7 @@ class CausalSelfAttention(nn.Module):
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.d_head))
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         y = (att @ v).transpose(1, 2).reshape(b, t, d)
-        return self.out(y), (k, v)
+        return self.out(y.reshape(b * t, d)).reshape(b, t, d), (k, v)
 
 
 class Block(nn.Module):

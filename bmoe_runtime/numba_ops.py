@@ -1,0 +1,176 @@
+"""Reference implementations of the ai.bmoe ops (docs/ops.md) in Numba.
+
+Readable first, parallel over rows/columns where it pays. Every input is validated as
+the spec lists; violations raise OpError, never an out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .packing import TRITS_PER_BYTE, packed_cols
+
+
+class OpError(ValueError):
+    """An ai.bmoe op rejected its inputs."""
+
+
+def _lut(packing: str) -> tuple[np.ndarray, np.ndarray]:
+    """Byte → its trits [256, per] and an invalid-byte flag [256]."""
+    per = TRITS_PER_BYTE[packing]
+    lut = np.zeros((256, per), np.int8)
+    bad = np.zeros(256, np.bool_)
+    for b in range(256):
+        for i in range(per):
+            if packing == "2bit":
+                code = (b >> (2 * i)) & 3
+                bad[b] |= code == 3
+                lut[b, i] = {0: 0, 1: 1, 2: -1, 3: 0}[code]
+            else:
+                bad[b] = b > 242
+                lut[b, i] = (b // 3 ** i) % 3 - 1
+    return lut, bad
+
+
+_LUTS = {p: _lut(p) for p in TRITS_PER_BYTE}
+
+
+@njit(parallel=True, cache=True)
+def _ternary_kernel(a_t, packed, lut, bad, k_len):  # a_t [K, M] (float32 or int32) → acc [M, N], invalid flag per row
+    m = a_t.shape[1]
+    n_rows, per = packed.shape[0], lut.shape[1]
+    acc = np.zeros((m, n_rows), a_t.dtype)
+    invalid = np.zeros(n_rows, np.bool_)
+    for n in prange(n_rows):
+        col = np.zeros(m, a_t.dtype)
+        for kb in range(packed.shape[1]):
+            byte = packed[n, kb]
+            if bad[byte]:
+                invalid[n] = True
+            for i in range(per):
+                k = kb * per + i
+                if k >= k_len:
+                    break
+                t = lut[byte, i]
+                if t == 1:
+                    for r in range(m):
+                        col[r] += a_t[k, r]
+                elif t == -1:
+                    for r in range(m):
+                        col[r] -= a_t[k, r]
+        acc[:, n] = col
+    return acc, invalid
+
+
+def ternary_matmul(a: np.ndarray, w_packed: np.ndarray, scale: np.ndarray, k: int, packing: str = "2bit",
+                   act_quant: int = 0) -> np.ndarray:
+    if packing not in TRITS_PER_BYTE:
+        raise OpError(f"TernaryMatMul: packing must be '2bit' or 'base3', got {packing!r}")
+    if act_quant not in (0, 1):
+        raise OpError(f"TernaryMatMul: act_quant must be 0 or 1, got {act_quant}")
+    if k is None or k < 1:
+        raise OpError(f"TernaryMatMul: attribute K must be ≥ 1, got {k}")
+    a, w_packed, scale = np.asarray(a), np.asarray(w_packed), np.asarray(scale)
+    if a.dtype != np.float32 or a.ndim != 2:
+        raise OpError(f"TernaryMatMul: A must be 2-D float32, got {a.dtype} with shape {a.shape}")
+    if a.shape[1] != k:
+        raise OpError(f"TernaryMatMul: A has {a.shape[1]} columns, attribute K is {k}")
+    if w_packed.dtype != np.uint8 or w_packed.ndim != 2 or w_packed.shape[0] < 1:
+        raise OpError(f"TernaryMatMul: W_packed must be 2-D uint8 [N≥1, Kb], got {w_packed.dtype} {w_packed.shape}")
+    kb = packed_cols(k, packing)
+    if w_packed.shape[1] != kb:
+        raise OpError(f"TernaryMatMul: W_packed has {w_packed.shape[1]} bytes a row, K={k} with {packing} needs {kb}")
+    n = w_packed.shape[0]
+    if scale.dtype != np.float32 or scale.shape != (n,):
+        raise OpError(f"TernaryMatMul: scale must be float32 [{n}], got {scale.dtype} {scale.shape}")
+    lut, bad = _LUTS[packing]
+    if act_quant:
+        amax = np.abs(a).max(axis=1, keepdims=True) if a.shape[0] else np.zeros((0, 1), np.float32)
+        s = (amax / np.float32(127)).astype(np.float32)
+        safe = np.where(amax > 0, s, np.float32(1))
+        q = np.clip(np.sign(a) * np.floor(np.abs(a) / safe + np.float32(0.5)), -127, 127).astype(np.int32)
+        acc, invalid = _ternary_kernel(np.ascontiguousarray(q.T), np.ascontiguousarray(w_packed), lut, bad, k)
+        y = acc.astype(np.float32) * s * scale[None, :]
+    else:
+        acc, invalid = _ternary_kernel(np.ascontiguousarray(a.T), np.ascontiguousarray(w_packed), lut, bad, k)
+        y = acc * scale[None, :]
+    if invalid.any():
+        raise OpError(f"TernaryMatMul: invalid trit code in W_packed row {int(np.argmax(invalid))}")
+    return y.astype(np.float32, copy=False)
+
+
+@njit(parallel=True, cache=True)
+def _rotate_kernel(x, cos_t, sin_t, row_table, transpose):
+    m, d = x.shape
+    n_stages = cos_t.shape[1]
+    p = 1 << n_stages
+    y = np.empty_like(x)
+    for r in prange(m):
+        z = np.zeros(p, np.float32)
+        z[:d] = x[r]
+        e = row_table[r]
+        for step in range(n_stages):
+            s = n_stages - 1 - step if transpose else step
+            h = 1 << s
+            for k in range(p // 2):
+                j = ((k >> s) << (s + 1)) | (k & (h - 1))
+                c = cos_t[e, s, k]
+                sn = -sin_t[e, s, k] if transpose else sin_t[e, s, k]
+                a, b = z[j], z[j + h]
+                z[j] = c * a - sn * b
+                z[j + h] = sn * a + c * b
+        y[r] = z[:d]
+    return y
+
+
+def _active(d: int) -> np.ndarray:
+    p = 1 << (d - 1).bit_length()
+    s_count = p.bit_length() - 1
+    k = np.arange(p // 2)
+    return np.stack([((((k >> s) << (s + 1)) | (k & ((1 << s) - 1))) + (1 << s)) < d for s in range(s_count)])
+
+
+def butterfly_rotate(x: np.ndarray, angles: np.ndarray, expert_index: np.ndarray | None = None,
+                     angle_scale: np.ndarray | None = None, transpose: int = 0) -> np.ndarray:
+    x, angles = np.asarray(x), np.asarray(angles)
+    if transpose not in (0, 1):
+        raise OpError(f"ButterflyRotate: transpose must be 0 or 1, got {transpose}")
+    if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] < 2:
+        raise OpError(f"ButterflyRotate: X must be 2-D float32 with D ≥ 2, got {x.dtype} {x.shape}")
+    m, d = x.shape
+    p = 1 << (d - 1).bit_length()
+    s_count = p.bit_length() - 1
+    if angles.dtype not in (np.float32, np.float16, np.int8) or angles.ndim != 3:
+        raise OpError(f"ButterflyRotate: angles must be 3-D float32/float16/int8, got {angles.dtype} {angles.shape}")
+    e_count = angles.shape[0]
+    if e_count < 1 or angles.shape[1:] != (s_count, p // 2):
+        raise OpError(f"ButterflyRotate: angles shape {angles.shape} does not fit D={d}: expected [E≥1, {s_count}, {p // 2}]")
+    if expert_index is None:
+        if e_count != 1:
+            raise OpError(f"ButterflyRotate: expert_index omitted but angles hold {e_count} experts")
+        expert_index = np.zeros(m, np.int64)
+    expert_index = np.asarray(expert_index)
+    if expert_index.dtype != np.int64 or expert_index.shape != (m,):
+        raise OpError(f"ButterflyRotate: expert_index must be int64 [{m}], got {expert_index.dtype} {expert_index.shape}")
+    out_of_range = (expert_index < 0) | (expert_index >= e_count)
+    if out_of_range.any():
+        r = int(np.argmax(out_of_range))
+        raise OpError(f"ButterflyRotate: expert_index[{r}] = {int(expert_index[r])} is out of range [0, {e_count})")
+    if angles.dtype == np.int8:
+        if angle_scale is None:
+            raise OpError("ButterflyRotate: int8 angles need angle_scale")
+        angle_scale = np.asarray(angle_scale)
+        if angle_scale.dtype != np.float32 or angle_scale.shape != (e_count,):
+            raise OpError(f"ButterflyRotate: angle_scale must be float32 [{e_count}], got {angle_scale.dtype} {angle_scale.shape}")
+    elif angle_scale is not None:
+        raise OpError("ButterflyRotate: angle_scale is only allowed with int8 angles")
+    # cos/sin once per expert that this call uses
+    used, row_table = np.unique(expert_index, return_inverse=True)
+    theta = angles[used].astype(np.float32)
+    if angles.dtype == np.int8:
+        theta *= angle_scale[used][:, None, None]
+    active = _active(d)
+    cos_t = np.where(active, np.cos(theta), np.float32(1)).astype(np.float32)
+    sin_t = np.where(active, np.sin(theta), np.float32(0)).astype(np.float32)
+    return _rotate_kernel(np.ascontiguousarray(x), cos_t, sin_t, row_table.astype(np.int64), bool(transpose))

@@ -1,0 +1,131 @@
+"""Run an exported model directory: one interface, two backends.
+
+  ort    ONNX Runtime with the C++ ai.bmoe library (custom_ops/): the fast path
+  numba  onnx's ReferenceEvaluator for standard ops + numba_ops for ai.bmoe: the readable
+         reference, and the fallback where the C++ library is not available
+
+The manifest's checksums are verified before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import numba_ops, op_schemas
+from .errors import BmoeError
+from .manifest import read_manifest
+
+BACKENDS = ("ort", "numba")
+_NP_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64}
+
+
+def _reference_ops():
+    from onnx.reference.op_run import OpRun
+
+    class ButterflyRotate(OpRun):
+        op_domain = op_schemas.DOMAIN
+
+        def _run(self, x, angles, expert_index=None, angle_scale=None, transpose=0):
+            return (numba_ops.butterfly_rotate(x, angles, expert_index, angle_scale, int(transpose)),)
+
+    class TernaryMatMul(OpRun):
+        op_domain = op_schemas.DOMAIN
+
+        def _run(self, a, w_packed, scale, K=None, packing="2bit", act_quant=0):  # noqa: N803 (ONNX attribute name)
+            packing = packing.decode() if isinstance(packing, bytes) else packing
+            return (numba_ops.ternary_matmul(a, w_packed, scale, K, packing, int(act_quant)),)
+
+    return [ButterflyRotate, TernaryMatMul]
+
+
+class ModelSession:
+    """A loaded exported model. `run` is safe to call from several threads."""
+
+    def __init__(self, model_dir: str | Path, backend: str = "ort", threads: int | None = None, verify: bool = True):
+        if backend not in BACKENDS:
+            raise BmoeError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        self.dir = Path(model_dir)
+        self.manifest = read_manifest(self.dir, verify=verify)
+        self.backend = backend
+        path = str(self.dir / self.manifest["model"])
+        try:
+            proto = onnx.load(path, load_external_data=False)
+        except Exception as exc:  # protobuf raises its own DecodeError
+            raise BmoeError(f"{path} is not a readable ONNX model: {exc}") from None
+        self.inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+        self.output_names = [o.name for o in proto.graph.output]
+        if backend == "ort":
+            self._impl, self._lock = self._ort_session(path, threads), None
+        else:
+            self._impl, self._lock = self._reference_session(path, threads), threading.Lock()
+
+    @staticmethod
+    def _ort_session(path: str, threads: int | None):
+        import onnxruntime as ort
+
+        from . import ort_ops
+
+        opts = ort.SessionOptions()
+        ort_ops.register(opts)
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT reports a bad model as a generic exception type
+            raise BmoeError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
+
+    @staticmethod
+    def _reference_session(path: str, threads: int | None):
+        from onnx.reference import ReferenceEvaluator
+
+        if threads:
+            import numba
+
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        op_schemas.register()
+        try:
+            model = onnx.load(path)  # with external data
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise BmoeError(f"{path} cannot be loaded: {str(exc).splitlines()[0][:300]}") from None
+        return ReferenceEvaluator(model, new_ops=_reference_ops())
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """Names, dtypes and ranks against the graph's inputs, before anything runs."""
+        missing = set(self.inputs) - set(feeds)
+        extra = set(feeds) - set(self.inputs)
+        if missing or extra:
+            raise BmoeError(f"inputs do not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for name, t in self.inputs.items():
+            v = feeds[name]
+            want = _NP_DTYPES.get(t.elem_type)
+            if not isinstance(v, np.ndarray) or (want is not None and v.dtype != want):
+                got = v.dtype if isinstance(v, np.ndarray) else type(v).__name__
+                raise BmoeError(f"input {name!r} must be a {np.dtype(want).name} array, got {got}")
+            dims = t.shape.dim
+            if v.ndim != len(dims):
+                raise BmoeError(f"input {name!r} must have rank {len(dims)}, got shape {v.shape}")
+            for axis, dim in enumerate(dims):
+                if dim.HasField("dim_value") and v.shape[axis] != dim.dim_value:
+                    raise BmoeError(f"input {name!r} axis {axis} must be {dim.dim_value}, got shape {v.shape}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_feeds(feeds)
+        try:
+            if self._lock is None:
+                values = self._impl.run(None, feeds)
+            else:
+                with self._lock:  # the reference evaluator keeps per-run state
+                    values = self._impl.run(None, feeds)
+        except numba_ops.OpError as exc:
+            raise BmoeError(str(exc)) from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("onnxruntime"):
+                raise BmoeError(f"ONNX Runtime: {str(exc).splitlines()[0][:300]}") from None
+            raise
+        return dict(zip(self.output_names, values))

@@ -1,0 +1,166 @@
+"""Export: PyTorch module → OUTDIR with model.onnx, weights.bin, angles.bin, manifest.json.
+
+Graph capture is torch.onnx's dynamo exporter; expert banks are first swapped for their
+packed forms (packed.py) so every ButterflyMoE bank becomes
+ButterflyRotate → TernaryMatMul → ButterflyRotate. Initializers are then laid out by us:
+angle tables in their own file (the planner streams experts' angles from it, each
+expert a contiguous slice), everything else in weights.bin, 64-byte aligned for mmap.
+The directory is built under a temporary name and renamed into place only when
+complete and checked, so a failed export never leaves a directory that looks valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from bmoe_runtime import op_schemas
+from bmoe_runtime.checkpoint import load_model
+from bmoe_runtime.manifest import MANIFEST, build_manifest, tensor_kind
+from bmoe_runtime.model import MoELM
+from bmoe_runtime.packing import PACKINGS
+
+from .packed import ANGLE_DTYPES, pack_banks
+from .torch_ops import TRANSLATIONS
+
+OPSET = 20
+ALIGN = 64
+MODEL_FILE, WEIGHTS_FILE, ANGLES_FILE = "model.onnx", "weights.bin", "angles.bin"
+
+
+@dataclass
+class ExportOptions:
+    packing: str = "2bit"  # or "base3" (1.6 bits a weight)
+    angle_dtype: str = "fp16"  # fp32 | fp16 | int8
+    act_quant: bool = False  # int8 activations in TernaryMatMul
+
+    def __post_init__(self) -> None:
+        if self.packing not in PACKINGS:
+            raise ValueError(f"unknown packing {self.packing!r}; expected one of {', '.join(PACKINGS)}")
+        if self.angle_dtype not in ANGLE_DTYPES:
+            raise ValueError(f"unknown angle dtype {self.angle_dtype!r}; expected one of {', '.join(ANGLE_DTYPES)}")
+
+
+class DecodeStep(nn.Module):
+    """The LM as one incremental step: (ids, past KV) → (logits, present KV)."""
+
+    def __init__(self, lm: MoELM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, present = self.lm(input_ids, pairs)
+        return logits, [t for kv in present for t in kv]
+
+
+def kv_names(n_layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def _capture(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+             dynamic_shapes) -> onnx.ModelProto:
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic_shapes,
+                                    custom_translation_table=TRANSLATIONS, external_data=False, verbose=False)
+    return program.model_proto
+
+
+def _externalize(model: onnx.ModelProto, out: Path) -> None:
+    """Move every initializer's bytes into weights.bin / angles.bin (aligned) and point the proto at them."""
+    files = {WEIGHTS_FILE: open(out / WEIGHTS_FILE, "wb"), ANGLES_FILE: open(out / ANGLES_FILE, "wb")}
+    try:
+        for t in model.graph.initializer:
+            kind = tensor_kind(t.name)
+            data = onnx.numpy_helper.to_array(t).tobytes()
+            if kind == "other" and len(data) < 4096:
+                continue  # shape constants stay inline: shape inference reads them
+            location = ANGLES_FILE if kind == "angles" else WEIGHTS_FILE
+            f = files[location]
+            offset = -f.tell() % ALIGN
+            f.write(b"\0" * offset)
+            start = f.tell()
+            f.write(data)
+            t.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                t.ClearField(field)
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(start)), ("length", str(len(data)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = onnx.TensorProto.EXTERNAL
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def _write_dir(out_dir: Path, model: onnx.ModelProto, meta: dict, extra: dict[str, str]) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        _externalize(model, tmp)
+        onnx.save(model, tmp / MODEL_FILE)
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        for name, text in extra.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        manifest = build_manifest(tmp, model, meta)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if out_dir.exists():  # replace the old export only once the new one is complete
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_module(module: nn.Module, example_inputs: tuple, out_dir: str | Path, input_names: list[str],
+                  output_names: list[str], dynamic_shapes=None, options: ExportOptions | None = None,
+                  meta: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Export any nn.Module containing bmoe layers (its banks are packed on a copy)."""
+    options = options or ExportOptions()
+    op_schemas.register()
+    packed = copy.deepcopy(module).eval()
+    n_banks = pack_banks(packed, options.packing, options.angle_dtype, options.act_quant)
+    with torch.no_grad():
+        model = _capture(packed, example_inputs, input_names, output_names, dynamic_shapes)
+    meta = {"kind": "module", **(meta or {}), "export_options": asdict(options), "expert_banks": n_banks,
+            "inputs": input_names, "outputs": output_names}
+    return _write_dir(Path(out_dir), model, meta, extra_files or {})
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions | None = None) -> Path:
+    """Export a bmoe-train checkpoint as an incremental decoder with a KV cache."""
+    model, tok, ckpt = load_model(checkpoint)
+    cfg = model.cfg
+    d_head = cfg.d_model // cfg.n_heads
+    # Distinct example sizes keep every dynamic dim symbolic in the captured graph.
+    batch, seq, past_len = 2, 3, 5
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    past = [torch.zeros(batch, cfg.n_heads, past_len, d_head) for _ in range(2 * cfg.n_layers)]
+    b, t, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    dynamic = {"input_ids": {0: b, 1: t}, "past": [{0: b, 2: p} for _ in past]}
+    meta = {"kind": "lm", "config": cfg.to_dict(), "metrics": {k: v for k, v in ckpt["metrics"].items() if k != "history"},
+            "tokenizer": "tokenizer.json", "kv_layout": "[batch, heads, positions, d_head]"}
+    extra = {"tokenizer.json": json.dumps(tok.to_dict())}
+    return export_module(DecodeStep(model), (ids, past), out_dir, ["input_ids", *kv_names(cfg.n_layers, "past")],
+                         ["logits", *kv_names(cfg.n_layers, "present")], dynamic, options, meta, extra)

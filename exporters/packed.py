@@ -1,0 +1,79 @@
+"""Inference forms of the expert banks, holding exactly what is exported.
+
+PackedButterflyExperts  packed trits + row scales, angles in fp32/fp16/int8 → ai.bmoe ops
+GatheredExperts         independent experts as one [N, d_out, d_in] table → Gather + MatMul
+                        (standard ops; `ternary` experts are stored dequantized, there is
+                        no expert-indexed ternary op in ai.bmoe v1)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from bmoe_runtime.moe import ButterflyExperts, IndependentExperts
+from bmoe_runtime.packing import pack_trits
+from bmoe_runtime.ternary import quantize
+
+from . import torch_ops  # noqa: F401  (registers torch.ops.bmoe.*)
+
+ANGLE_DTYPES = ("fp32", "fp16", "int8")
+
+
+def encode_angles(angles: torch.Tensor, active: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[E, S, P/2] float angles → (stored angles, per-expert scale for int8). Unused slots are written as 0."""
+    a = torch.where(active, angles.detach().float(), torch.zeros(()))
+    if dtype == "fp32":
+        return a.contiguous(), None
+    if dtype == "fp16":
+        return a.half().contiguous(), None
+    if dtype == "int8":
+        scale = (a.abs().amax(dim=(1, 2)) / 127).clamp_min(1e-12)
+        q = torch.round(a / scale[:, None, None]).clamp(-127, 127).to(torch.int8)
+        return q.contiguous(), scale.contiguous()
+    raise ValueError(f"unknown angle dtype {dtype!r}; expected one of {', '.join(ANGLE_DTYPES)}")
+
+
+class PackedButterflyExperts(nn.Module):
+    def __init__(self, bank: ButterflyExperts, packing: str = "2bit", angle_dtype: str = "fp32", act_quant: bool = False):
+        super().__init__()
+        self.d_in, self.d_out, self.packing, self.act_quant = bank.d_in, bank.d_out, packing, int(act_quant)
+        trits, scale = quantize(bank.weight, bank.per_row_scale)
+        self.register_buffer("w_packed", torch.from_numpy(pack_trits(trits.numpy(), packing)))
+        self.register_buffer("w_scale", scale.float())
+        for side, rot in (("theta", bank.theta), ("phi", bank.phi)):
+            angles, angle_scale = encode_angles(rot.angles, rot.active, angle_dtype)
+            self.register_buffer(f"{side}_angles", angles)
+            self.register_buffer(f"{side}_angle_scale", angle_scale)
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.bmoe
+        u = ops.butterfly_rotate(x, self.phi_angles, expert_index, self.phi_angle_scale, 1)
+        v = ops.ternary_matmul(u, self.w_packed, self.w_scale, self.d_in, self.packing, self.act_quant)
+        return ops.butterfly_rotate(v, self.theta_angles, expert_index, self.theta_angle_scale, 0)
+
+
+class GatheredExperts(nn.Module):
+    def __init__(self, bank: IndependentExperts):
+        super().__init__()
+        self.register_buffer("expert_weight", bank.weights().detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        w = self.expert_weight[expert_index]  # [R, d_out, d_in]: only the chosen experts are read
+        return (w @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def pack_banks(module: nn.Module, packing: str, angle_dtype: str, act_quant: bool) -> int:
+    """Replace every expert bank inside `module` with its packed form, in place; returns how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, ButterflyExperts):
+            setattr(module, name, PackedButterflyExperts(child, packing, angle_dtype, act_quant))
+            count += 1
+        elif isinstance(child, IndependentExperts):
+            setattr(module, name, GatheredExperts(child))
+            count += 1
+        else:
+            count += pack_banks(child, packing, angle_dtype, act_quant)
+    return count
