@@ -7,6 +7,8 @@ Public API for putting ButterflyMoE layers into your own modules:
     loss = task_loss + 0.01 * balance_loss(model)
 """
 
+from pathlib import Path
+
 from .butterfly import ButterflyRotation
 from .memory import model_memory, paper_expert_ratio
 from .model import ModelConfig, MoELM
@@ -15,3 +17,8 @@ from .ternary import fake_quantize, quantize
 
 __all__ = ["ButterflyMoE", "ButterflyRotation", "ButterflyExperts", "IndependentExperts", "balance_loss",
            "ModelConfig", "MoELM", "quantize", "fake_quantize", "model_memory", "paper_expert_ratio"]
+
+
+def default_model_dir() -> Path:
+    """The exported model bundled with the package (bmoe-run's default)."""
+    return Path(__file__).parent / "models" / "default"

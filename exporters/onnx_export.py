@@ -77,7 +77,11 @@ def _capture(module: nn.Module, args: tuple, input_names: list[str], output_name
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes,
                                     custom_translation_table=TRANSLATIONS, external_data=False, verbose=False)
-    return program.model_proto
+    model = program.model_proto
+    for node in model.graph.node:  # drop the exporter's per-node stack traces: they triple model.onnx
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return model
 
 
 def _externalize(model: onnx.ModelProto, out: Path) -> None:
