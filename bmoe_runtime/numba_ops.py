@@ -36,8 +36,7 @@ def _lut(packing: str) -> tuple[np.ndarray, np.ndarray]:
 _LUTS = {p: _lut(p) for p in TRITS_PER_BYTE}
 
 
-@njit(parallel=True, cache=True)
-def _ternary_kernel(a_t, packed, lut, bad, k_len):  # a_t [K, M] (float32 or int32) → acc [M, N], invalid flag per row
+def _ternary_rows(a_t, packed, lut, bad, k_len):  # a_t [K, M] (float32 or int32) → acc [M, N], invalid flag per row
     m = a_t.shape[1]
     n_rows, per = packed.shape[0], lut.shape[1]
     acc = np.zeros((m, n_rows), a_t.dtype)
@@ -85,23 +84,23 @@ def ternary_matmul(a: np.ndarray, w_packed: np.ndarray, scale: np.ndarray, k: in
     if scale.dtype != np.float32 or scale.shape != (n,):
         raise OpError(f"TernaryMatMul: scale must be float32 [{n}], got {scale.dtype} {scale.shape}")
     lut, bad = _LUTS[packing]
+    kernel = _ternary_kernels[a.shape[0] * n * k >= PARALLEL_MIN_WORK]
     if act_quant:
         amax = np.abs(a).max(axis=1, keepdims=True) if a.shape[0] else np.zeros((0, 1), np.float32)
         s = (amax / np.float32(127)).astype(np.float32)
         safe = np.where(amax > 0, s, np.float32(1))
         q = np.clip(np.sign(a) * np.floor(np.abs(a) / safe + np.float32(0.5)), -127, 127).astype(np.int32)
-        acc, invalid = _ternary_kernel(np.ascontiguousarray(q.T), np.ascontiguousarray(w_packed), lut, bad, k)
+        acc, invalid = kernel(np.ascontiguousarray(q.T), np.ascontiguousarray(w_packed), lut, bad, k)
         y = acc.astype(np.float32) * s * scale[None, :]
     else:
-        acc, invalid = _ternary_kernel(np.ascontiguousarray(a.T), np.ascontiguousarray(w_packed), lut, bad, k)
+        acc, invalid = kernel(np.ascontiguousarray(a.T), np.ascontiguousarray(w_packed), lut, bad, k)
         y = acc * scale[None, :]
     if invalid.any():
         raise OpError(f"TernaryMatMul: invalid trit code in W_packed row {int(np.argmax(invalid))}")
     return y.astype(np.float32, copy=False)
 
 
-@njit(parallel=True, cache=True)
-def _rotate_kernel(x, cos_t, sin_t, row_table, transpose):
+def _rotate_rows(x, cos_t, sin_t, row_table, transpose):
     m, d = x.shape
     n_stages = cos_t.shape[1]
     p = 1 << n_stages
@@ -122,6 +121,13 @@ def _rotate_kernel(x, cos_t, sin_t, row_table, transpose):
                 z[j + h] = sn * a + c * b
         y[r] = z[:d]
     return y
+
+
+# Each kernel in a serial and a parallel build: for decode-sized work the thread pool's
+# start-up costs more than the work itself.
+PARALLEL_MIN_WORK = 1 << 20
+_ternary_kernels = (njit(cache=True)(_ternary_rows), njit(parallel=True, cache=True)(_ternary_rows))
+_rotate_kernels = (njit(cache=True)(_rotate_rows), njit(parallel=True, cache=True)(_rotate_rows))
 
 
 def _active(d: int) -> np.ndarray:
@@ -173,4 +179,5 @@ def butterfly_rotate(x: np.ndarray, angles: np.ndarray, expert_index: np.ndarray
     active = _active(d)
     cos_t = np.where(active, np.cos(theta), np.float32(1)).astype(np.float32)
     sin_t = np.where(active, np.sin(theta), np.float32(0)).astype(np.float32)
-    return _rotate_kernel(np.ascontiguousarray(x), cos_t, sin_t, row_table.astype(np.int64), bool(transpose))
+    kernel = _rotate_kernels[m * p * s_count >= PARALLEL_MIN_WORK]
+    return kernel(np.ascontiguousarray(x), cos_t, sin_t, row_table.astype(np.int64), bool(transpose))
