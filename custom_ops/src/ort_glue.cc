@@ -1,0 +1,125 @@
+#include "ort_glue.h"
+
+#include <memory>
+
+namespace bmoe {
+
+void check_ort(const OrtApi* api, OrtStatus* st) {
+  if (!st) return;
+  std::string msg = api->GetErrorMessage(st);
+  api->ReleaseStatus(st);
+  throw OpError(msg);
+}
+
+size_t Tensor::numel() const {
+  size_t n = 1;
+  for (int64_t d : shape) n *= static_cast<size_t>(d);
+  return n;
+}
+
+const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "int16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    default: return "unsupported type";
+  }
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+namespace {
+using InfoPtr = std::unique_ptr<OrtTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*)>;
+
+Tensor describe(const OrtApi* api, const OrtValue* v) {
+  Tensor t;
+  if (!v) return t;
+  int is_tensor = 0;
+  check_ort(api, api->IsTensor(v, &is_tensor));
+  if (!is_tensor) throw OpError("input is not a tensor");
+  OrtTensorTypeAndShapeInfo* raw = nullptr;
+  check_ort(api, api->GetTensorTypeAndShape(v, &raw));
+  InfoPtr info(raw, api->ReleaseTensorTypeAndShapeInfo);
+  size_t rank = 0;
+  check_ort(api, api->GetTensorElementType(info.get(), &t.type));
+  check_ort(api, api->GetDimensionsCount(info.get(), &rank));
+  t.shape.resize(rank);
+  if (rank) check_ort(api, api->GetDimensions(info.get(), t.shape.data(), rank));
+  // Strings have no flat buffer; callers reject their dtype before touching data.
+  if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING) {
+    void* data = nullptr;  // API 21 has no const accessor; the data is only read
+    check_ort(api, api->GetTensorMutableData(const_cast<OrtValue*>(v), &data));
+    t.data = data;
+  }
+  t.present = true;
+  return t;
+}
+}  // namespace
+
+Tensor input(const OrtApi* api, OrtKernelContext* ctx, size_t index) {
+  size_t count = 0;
+  check_ort(api, api->KernelContext_GetInputCount(ctx, &count));
+  if (index >= count) return {};
+  const OrtValue* v = nullptr;
+  check_ort(api, api->KernelContext_GetInput(ctx, index, &v));
+  return describe(api, v);
+}
+
+void* output(const OrtApi* api, OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape) {
+  OrtValue* v = nullptr;
+  check_ort(api, api->KernelContext_GetOutput(ctx, index, shape.data(), shape.size(), &v));
+  void* data = nullptr;
+  check_ort(api, api->GetTensorMutableData(v, &data));
+  return data;
+}
+
+int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t dflt, bool* found) {
+  int64_t v = 0;
+  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (found) *found = st == nullptr;
+  if (st) {
+    api->ReleaseStatus(st);
+    return dflt;
+  }
+  return v;
+}
+
+std::string attr_string(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& dflt) {
+  size_t size = 0;
+  OrtStatus* st = api->KernelInfoGetAttribute_string(info, name, nullptr, &size);
+  if (st) {  // absent (or not a string)
+    api->ReleaseStatus(st);
+    return dflt;
+  }
+  std::string s(size, '\0');
+  check_ort(api, api->KernelInfoGetAttribute_string(info, name, &s[0], &size));
+  s.resize(size ? size - 1 : 0);  // size counts the terminating NUL
+  return s;
+}
+
+Tensor constant_input(const OrtApi* api, const OrtKernelInfo* info, size_t index) {
+  size_t count = 0;
+  check_ort(api, api->KernelInfo_GetInputCount(info, &count));
+  if (index >= count) return {};
+  int is_const = 0;
+  const OrtValue* v = nullptr;
+  OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, index, &is_const, &v);
+  if (st) {
+    api->ReleaseStatus(st);
+    return {};
+  }
+  return is_const ? describe(api, v) : Tensor{};
+}
+
+}  // namespace bmoe

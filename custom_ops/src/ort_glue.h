@@ -1,0 +1,69 @@
+// Thin layer over ORT's C API: errors as exceptions inside the library (converted
+// to OrtStatus at the C boundary), tensor access, attributes and ParallelFor.
+#pragma once
+#include <onnxruntime_c_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace bmoe {
+
+// ORT API level we are built against and request at registration (ORT >= 1.21).
+constexpr uint32_t kOrtApiVersion = 21;
+
+// Any validation failure; becomes ORT_INVALID_ARGUMENT (or ORT_FAIL) at the boundary.
+struct OpError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Throws OpError with ORT's message if `st` is an error (and releases it).
+void check_ort(const OrtApi* api, OrtStatus* st);
+
+// Runs `fn` and converts any exception into an OrtStatus (nullptr on success).
+template <class Fn>
+OrtStatus* guarded(const OrtApi* api, const char* op, Fn&& fn) noexcept {
+  try {
+    fn();
+    return nullptr;
+  } catch (const OpError& e) {
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(op) + ": " + e.what()).c_str());
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, (std::string(op) + ": internal error: " + e.what()).c_str());
+  } catch (...) {
+    return api->CreateStatus(ORT_FAIL, (std::string(op) + ": unknown internal error").c_str());
+  }
+}
+
+struct Tensor {
+  bool present = false;  // false for an omitted optional input
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  size_t numel() const;
+};
+
+const char* type_name(ONNXTensorElementDataType t);
+std::string shape_str(const std::vector<int64_t>& s);
+
+Tensor input(const OrtApi* api, OrtKernelContext* ctx, size_t index);
+void* output(const OrtApi* api, OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape);
+
+// Optional int/string attribute; returns `dflt` when absent.
+int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t dflt, bool* found = nullptr);
+std::string attr_string(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& dflt);
+
+// Constant initializer bound to input `index` at kernel creation, or an absent Tensor.
+Tensor constant_input(const OrtApi* api, const OrtKernelInfo* info, size_t index);
+
+// Runs task(i) for i in [0, n) on ORT's intra-op pool. `task` must not throw.
+template <class Task>
+void parallel_for(const OrtApi* api, OrtKernelContext* ctx, size_t n, Task& task) {
+  if (n == 1) return task(size_t{0});
+  auto tramp = [](void* p, size_t i) { (*static_cast<Task*>(p))(i); };
+  check_ort(api, api->KernelContext_ParallelFor(ctx, tramp, n, 0, &task));
+}
+
+}  // namespace bmoe

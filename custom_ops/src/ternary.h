@@ -1,0 +1,70 @@
+// TernaryMatMul kernels. Every variant reads 2-bit packed rows (docs/ops.md);
+// base3 rows are converted to 2-bit by the op before they reach a kernel.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace bmoe {
+namespace ternary {
+
+// The fp32 kernels work on chunks of 64 trits (16 packed bytes), the int8 ones on
+// chunks of 256 trits (64 bytes). Activations are padded with zeros to a whole
+// number of chunks (Kp); a row's last partial chunk of weights is copied into a
+// zeroed buffer, so no kernel reads past a row.
+constexpr size_t kChunk = 64;
+constexpr size_t kQChunk = 256;
+
+// int8 activations are stored per 256-chunk in "shift-major" order: trit 4b+s of
+// the chunk (packed byte b, shift 2s) sits at s*64 + b. A SIMD kernel then decodes
+// 64 packed bytes with four shifts and no byte shuffling.
+inline size_t qpos(size_t k) { return (k & ~size_t(255)) | ((k & 3) << 6) | ((k >> 2) & 63); }
+
+// Y[m*ldy + n] = scale[n] * Σ_k A[m*Kp + k] * t[n, k] for m < M, n < N (Kp: multiple of kChunk).
+// W holds N rows of Kb bytes. Returns true if a code 11 was read.
+using F32Kernel = bool (*)(const float* A, size_t M, size_t Kp, const uint8_t* W, size_t Kb, size_t N,
+                           const float* scale, float* Y, size_t ldy);
+
+// Y[m*ldy + n] = qscale[m] * scale[n] * Σ_k Q[m*Kp + qpos(k)] * t[n, k], Σ exact in int32
+// (Kp: multiple of kQChunk).
+// qsum[m] = Σ_k Q[m, k] (for kernels that multiply by t+1 ∈ {0,1,2} as unsigned bytes).
+using I8Kernel = bool (*)(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M, size_t Kp,
+                          const uint8_t* W, size_t Kb, size_t N, const float* scale, float* Y, size_t ldy);
+
+// Pointer to the `bytes` bytes of chunk c of a row; the row's last partial chunk
+// is copied into `buf` and zero-padded. `static`: SIMD files are built with other
+// -m flags and must not share (ODR-merge) a copy of this with generic code.
+static inline const uint8_t* chunk_ptr(const uint8_t* row, size_t c, size_t Kb, uint8_t* buf, size_t bytes = 16) {
+  const size_t off = c * bytes;
+  if (off + bytes <= Kb) return row + off;
+  for (size_t i = 0; i < bytes; ++i) buf[i] = off + i < Kb ? row[off + i] : 0;
+  return buf;
+}
+
+struct Kernels {
+  F32Kernel f32;
+  I8Kernel i8;
+};
+
+bool f32_scalar(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
+bool i8_scalar(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
+               const float*, float*, size_t);
+#if defined(__x86_64__) || defined(__i386__)
+bool f32_avx2(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
+bool i8_avx2(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
+             const float*, float*, size_t);
+bool f32_avx512(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
+bool i8_avx512(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
+               const float*, float*, size_t);
+bool i8_avx512vnni(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
+                   const float*, float*, size_t);
+#endif
+#if defined(__aarch64__)
+bool f32_neon(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
+bool i8_neon(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
+             const float*, float*, size_t);
+bool i8_dotprod(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
+                const float*, float*, size_t);
+#endif
+
+}  // namespace ternary
+}  // namespace bmoe

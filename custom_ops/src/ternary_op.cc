@@ -1,0 +1,206 @@
+// TernaryMatMul operator: validation (docs/ops.md), activation preparation,
+// base3 → 2-bit conversion, and tiling over ORT's intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cpu.h"
+#include "op_def.h"
+#include "ort_glue.h"
+#include "ternary.h"
+
+namespace bmoe {
+namespace {
+
+using namespace ternary;
+
+Kernels kernels_for(Variant v) {
+  switch (v) {
+#if defined(__x86_64__) || defined(__i386__)
+    case Variant::Avx2: return {f32_avx2, i8_avx2};
+    case Variant::Avx512: return {f32_avx512, cpu_features().avx512vnni ? i8_avx512vnni : i8_avx512};
+#endif
+#if defined(__aarch64__)
+    case Variant::Neon: return {f32_neon, i8_neon};
+    case Variant::Dotprod: return {f32_neon, i8_dotprod};
+#endif
+    default: return {f32_scalar, i8_scalar};
+  }
+}
+
+// base3 byte → its five trits as 2-bit codes (bits 2i, 2i+1 = trit i); 0xFFFF marks > 242.
+struct Base3Table {
+  uint16_t v[256];
+  Base3Table() {
+    for (int b = 0; b < 256; ++b) {
+      uint16_t codes = 0;
+      for (int i = 0, x = b; i < 5; ++i, x /= 3) codes |= static_cast<uint16_t>((x % 3 == 2 ? 1 : x % 3 == 0 ? 2 : 0) << (2 * i));
+      v[b] = b > 242 ? 0xFFFF : codes;
+    }
+  }
+};
+
+// Re-packs one base3 row (Kb3 bytes) as a 2-bit row (Kb2 bytes). Returns false on a byte > 242.
+bool base3_to_2bit(const uint8_t* in, size_t Kb3, uint8_t* out, size_t Kb2) {
+  static const Base3Table table;
+  uint64_t bits = 0;
+  unsigned nbits = 0, bad = 0;
+  size_t o = 0;
+  for (size_t i = 0; i < Kb3; ++i) {
+    const uint16_t codes = table.v[in[i]];
+    bad |= codes == 0xFFFF;
+    bits |= static_cast<uint64_t>(codes & 0x3FF) << nbits;
+    for (nbits += 10; nbits >= 8 && o < Kb2; nbits -= 8, bits >>= 8) out[o++] = static_cast<uint8_t>(bits);
+  }
+  for (; o < Kb2; bits >>= 8) out[o++] = static_cast<uint8_t>(bits);  // remaining trits are padding (00)
+  return bad == 0;
+}
+
+struct Kernel {
+  const OrtApi* api;
+  int64_t K;
+  bool base3;
+  bool act_quant;
+  Kernels kern;
+
+  void compute(OrtKernelContext* ctx) const;
+};
+
+Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
+  bool has_k = false;
+  const int64_t K = attr_int(api, info, "K", 0, &has_k);
+  if (!has_k) throw OpError("attribute K is required");
+  if (K < 1) throw OpError("attribute K must be >= 1, got " + std::to_string(K));
+  const std::string packing = attr_string(api, info, "packing", "2bit");
+  if (packing != "2bit" && packing != "base3")
+    throw OpError("attribute packing must be \"2bit\" or \"base3\", got \"" + packing + "\"");
+  const int64_t aq = attr_int(api, info, "act_quant", 0);
+  if (aq != 0 && aq != 1) throw OpError("attribute act_quant must be 0 or 1, got " + std::to_string(aq));
+  return new Kernel{api, K, packing == "base3", aq == 1, kernels_for(select_variant())};
+}
+
+void Kernel::compute(OrtKernelContext* ctx) const {
+  const Tensor A = input(api, ctx, 0), W = input(api, ctx, 1), scale = input(api, ctx, 2);
+  const std::string packing = base3 ? "base3" : "2bit";
+  if (A.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw OpError(std::string("input A must be float32, got ") + type_name(A.type));
+  if (A.shape.size() != 2) throw OpError("input A must have rank 2 [M, K], got shape " + shape_str(A.shape));
+  if (A.shape[1] != K)
+    throw OpError("input A has " + std::to_string(A.shape[1]) + " columns but attribute K = " + std::to_string(K));
+  if (W.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+    throw OpError(std::string("input W_packed must be uint8, got ") + type_name(W.type));
+  if (W.shape.size() != 2) throw OpError("input W_packed must have rank 2 [N, Kb], got shape " + shape_str(W.shape));
+  const int64_t Kb = base3 ? (K + 4) / 5 : (K + 3) / 4;
+  if (W.shape[0] < 1) throw OpError("input W_packed must have N >= 1 rows, got shape " + shape_str(W.shape));
+  if (W.shape[1] != Kb)
+    throw OpError("input W_packed has " + std::to_string(W.shape[1]) + " bytes per row, expected " + std::to_string(Kb) +
+                  " for K = " + std::to_string(K) + " (" + packing + " packing)");
+  if (scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    throw OpError(std::string("input scale must be float32, got ") + type_name(scale.type));
+  if (scale.shape.size() != 1 || scale.shape[0] != W.shape[0])
+    throw OpError("input scale must have shape [N] = [" + std::to_string(W.shape[0]) + "], got " + shape_str(scale.shape));
+
+  const size_t M = static_cast<size_t>(A.shape[0]), N = static_cast<size_t>(W.shape[0]), k = static_cast<size_t>(K);
+  const size_t Kb2 = (k + 3) / 4, chunk = act_quant ? kQChunk : kChunk, Kp = (k + chunk - 1) / chunk * chunk;
+  float* Y = static_cast<float*>(output(api, ctx, 0, {A.shape[0], W.shape[0]}));
+  const float* a = static_cast<const float*>(A.data);
+  const float* sc = static_cast<const float*>(scale.data);
+  std::atomic<bool> bad{false};
+
+  // Weights as 2-bit rows. base3 is a storage format: re-pack it once per call.
+  const uint8_t* w2 = static_cast<const uint8_t*>(W.data);
+  std::vector<uint8_t> repacked;
+  if (base3) {
+    repacked.resize(N * Kb2);
+    const size_t rows = 64, tasks = (N + rows - 1) / rows;
+    auto task = [&](size_t t) {
+      for (size_t n = t * rows; n < std::min(N, (t + 1) * rows); ++n)
+        if (!base3_to_2bit(static_cast<const uint8_t*>(W.data) + n * Kb, Kb, &repacked[n * Kb2], Kb2)) bad = true;
+    };
+    parallel_for(api, ctx, tasks, task);
+    w2 = repacked.data();
+  }
+
+  // Activations padded with zeros to Kp (f32), or quantized to int8 in qpos order.
+  std::vector<float> apad;
+  std::vector<int8_t> q;
+  std::vector<float> qscale;
+  std::vector<int32_t> qsum;
+  if (act_quant) {
+    q.assign(M * Kp, 0);
+    qscale.assign(M, 0.f);
+    qsum.assign(M, 0);
+    std::vector<int8_t> qrow(k);
+    for (size_t m = 0; m < M; ++m) {
+      const float* row = a + m * k;
+      float part[8] = {};  // independent partial maxima: no serial maxss chain
+      for (size_t i = 0; i < k; ++i) part[i % 8] = std::fabs(row[i]) > part[i % 8] ? std::fabs(row[i]) : part[i % 8];
+      const float amax = *std::max_element(part, part + 8);  // NaN never enters a partial
+      if (!(amax > 0.f)) continue;  // all-zero row: Y row is 0 (set below)
+      const float s = amax / 127.f;
+      int32_t sum = 0;
+      for (size_t i = 0; i < k; ++i) {
+        // Clamp first (written so that NaN also lands in range and the cast is defined), then
+        // round half away from zero: exact in double, and inlined unlike std::round.
+        float v = row[i] / s;
+        v = v > -127.f ? v : -127.f;
+        v = v < 127.f ? v : 127.f;
+        qrow[i] = static_cast<int8_t>(static_cast<int>(v + std::copysign(0.5, v)));  // branch-free
+        sum += qrow[i];
+      }
+      for (size_t i = 0; i < k; ++i) q[m * Kp + qpos(i)] = qrow[i];
+      qscale[m] = s;
+      qsum[m] = sum;
+    }
+  } else if (Kp != k) {
+    apad.assign(M * Kp, 0.f);
+    for (size_t m = 0; m < M; ++m) std::copy(a + m * k, a + (m + 1) * k, &apad[m * Kp]);
+    a = apad.data();
+  }
+
+  if (M > 0) {
+    // Tiles of up to 64 rows of A × NB rows of W; NB keeps a tile ≥ ~64K MACs and gives ≤ ~64 column tiles.
+    const size_t MB = std::min<size_t>(M, 64);
+    const size_t min_nb = (65536 / (MB * Kp) + 7) / 8 * 8;
+    const size_t NB = std::max<size_t>({8, min_nb, (N + 63) / 64});
+    const size_t mt = (M + MB - 1) / MB, nt = (N + NB - 1) / NB;
+    auto task = [&](size_t t) {
+      const size_t m0 = t / nt * MB, n0 = t % nt * NB;
+      const size_t mc = std::min(MB, M - m0), nc = std::min(NB, N - n0);
+      const bool b = act_quant ? kern.i8(&q[m0 * Kp], &qscale[m0], &qsum[m0], mc, Kp, w2 + n0 * Kb2, Kb2, nc,
+                                         sc + n0, Y + m0 * N + n0, N)
+                               : kern.f32(a + m0 * Kp, mc, Kp, w2 + n0 * Kb2, Kb2, nc, sc + n0, Y + m0 * N + n0, N);
+      if (b) bad = true;
+    };
+    parallel_for(api, ctx, mt * nt, task);
+  } else if (!base3) {  // no product to detect invalid codes during: scan the bytes
+    const uint8_t* p = w2;
+    unsigned acc = 0;
+    for (size_t i = 0; i < N * Kb2; ++i) acc |= p[i] & (p[i] >> 1) & 0x55u;
+    bad = acc != 0;
+  }
+  if (bad)
+    throw OpError(base3 ? "input W_packed contains an invalid base3 byte (> 242)"
+                        : "input W_packed contains an invalid 2-bit trit code (11)");
+  if (act_quant)
+    for (size_t m = 0; m < M; ++m)
+      if (qscale[m] == 0.f) std::fill(Y + m * N, Y + (m + 1) * N, 0.f);
+}
+
+}  // namespace
+
+const OpDef kTernaryMatMulDef = {
+    "TernaryMatMul", 3, 3,
+    [](const OrtApi* api, const OrtKernelInfo* info, void** k) {
+      return guarded(api, "TernaryMatMul", [&] { *k = create(api, info); });
+    },
+    [](void* k, OrtKernelContext* ctx) {
+      auto* kernel = static_cast<Kernel*>(k);
+      return guarded(kernel->api, "TernaryMatMul", [&] { kernel->compute(ctx); });
+    },
+    [](void* k) { delete static_cast<Kernel*>(k); },
+};
+
+}  // namespace bmoe

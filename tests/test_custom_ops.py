@@ -1,0 +1,311 @@
+"""onnxruntime + libbmoe_ops against the numpy references (docs/ops.md)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from bmoe_runtime import ort_ops  # noqa: E402
+from bmoe_runtime.packing import pack_trits  # noqa: E402
+
+from ops_reference import butterfly_rotate, stages, ternary_matmul  # noqa: E402
+
+if not ort_ops.available():
+    pytest.skip("libbmoe_ops.so is not built (pip install -e . or cmake -S custom_ops -B build)",
+                allow_module_level=True)
+
+ALL_VARIANTS = ("scalar", "avx2", "avx512", "neon", "dotprod")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def make_model(op, inputs, outputs=("Y",), initializers=(), **attrs):
+    """One ai.bmoe node; `inputs` maps name → array (a graph input) or None (omitted)."""
+    init_names = {t.name for t in initializers}
+    names = [n if v is not None else "" for n, v in inputs.items()]
+    graph_inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                    for n, v in inputs.items() if v is not None and n not in init_names]
+    node = helper.make_node(op, names, list(outputs), domain="ai.bmoe", **attrs)
+    graph = helper.make_graph([node], "g", graph_inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                              initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.bmoe", 1)])
+
+
+def session(model, threads=1):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    ort_ops.register(so)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(op, inputs, const=(), threads=1, **attrs):
+    inits = [numpy_helper.from_array(inputs[n], n) for n in const]
+    sess = session(make_model(op, inputs, initializers=inits, **attrs), threads)
+    feeds = {n: v for n, v in inputs.items() if v is not None and n not in const}
+    return sess.run(None, feeds)[0]
+
+
+def _available(variant):
+    import os
+    old = os.environ.get("BMOE_KERNEL")
+    os.environ["BMOE_KERNEL"] = variant
+    try:
+        a = np.zeros((1, 4), np.float32)
+        run("TernaryMatMul", {"A": a, "W": np.zeros((1, 1), np.uint8), "s": np.ones(1, np.float32)}, K=4)
+        return True
+    except Exception:
+        return False
+    finally:
+        os.environ.pop("BMOE_KERNEL") if old is None else os.environ.__setitem__("BMOE_KERNEL", old)
+
+
+VARIANTS = [v for v in ALL_VARIANTS if _available(v)]
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch):
+    """Forces each kernel variant this CPU supports (read at kernel creation)."""
+    monkeypatch.setenv("BMOE_KERNEL", request.param)
+    return request.param
+
+
+def test_variants_detected():
+    assert VARIANTS[0] == "scalar"
+    if __import__("platform").machine() in ("x86_64", "AMD64"):
+        assert "avx2" in VARIANTS or not _cpu_flag("avx2")
+        assert "avx512" in VARIANTS or not _cpu_flag("avx512bw")
+
+
+def _cpu_flag(flag):
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------- TernaryMatMul
+
+TMM_SHAPES = [(1, 1, 1), (3, 5, 7), (2, 64, 16), (5, 100, 33), (16, 129, 9), (9, 300, 65), (1, 4096, 40),
+              (0, 10, 4), (13, 768, 18)]
+
+
+def tmm_case(rng, m, k, n, packing):
+    t = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    if m > 2:
+        a[1] = 0  # all-zero row (act_quant special case)
+    return a, pack_trits(t, packing), (rng.random(n) + 0.5).astype(np.float32)
+
+
+@pytest.mark.parametrize("packing", ["2bit", "base3"])
+@pytest.mark.parametrize("act_quant", [0, 1])
+def test_ternary_matmul(variant, packing, act_quant):
+    rng = np.random.default_rng(1)
+    for i, (m, k, n) in enumerate(TMM_SHAPES):
+        a, w, s = tmm_case(rng, m, k, n, packing)
+        inputs = {"A": a, "W": w, "s": s}
+        y = run("TernaryMatMul", inputs, const=("W", "s") if i % 2 else (), threads=1 + i % 2,
+                K=k, packing=packing, act_quant=act_quant)
+        ref = ternary_matmul(a, w, s, k, packing, act_quant)
+        assert y.shape == (m, n) and y.dtype == np.float32
+        if act_quant:
+            np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-30, err_msg=f"{(m, k, n)}")
+        else:
+            tol = 1e-5 * (1 + np.abs(a).sum(1, keepdims=True)) * np.abs(s)
+            assert np.all(np.abs(y - ref) <= tol), f"{(m, k, n)} max err {np.abs(y - ref).max()}"
+
+
+def test_ternary_matmul_default_packing_is_2bit():
+    rng = np.random.default_rng(2)
+    a, w, s = tmm_case(rng, 4, 37, 5, "2bit")
+    y = run("TernaryMatMul", {"A": a, "W": w, "s": s}, K=37)
+    np.testing.assert_allclose(y, ternary_matmul(a, w, s, 37), rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------- ButterflyRotate
+
+def angles_of(rng, e, d, dtype):
+    p, s_count = stages(d)
+    theta = rng.uniform(-np.pi, np.pi, (e, s_count, p // 2)).astype(np.float32)
+    if dtype == "int8":
+        scale = (np.pi / 127 * rng.uniform(0.5, 1, e)).astype(np.float32)
+        return rng.integers(-127, 128, theta.shape).astype(np.int8), scale
+    return theta.astype(dtype), None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("const_angles", [False, True])
+def test_butterfly_rotate(variant, dtype, const_angles):
+    rng = np.random.default_rng(3)
+    for i, (m, d, e) in enumerate([(4, 2, 1), (5, 3, 2), (3, 6, 3), (7, 16, 2), (6, 17, 4), (9, 100, 3),
+                                   (1, 768, 1), (33, 768, 5), (0, 40, 2), (2, 1024, 2)]):
+        x = rng.standard_normal((m, d)).astype(np.float32)
+        angles, scale = angles_of(rng, e, d, dtype)
+        idx = rng.integers(0, e, m).astype(np.int64) if (e > 1 or i % 2) else None
+        for transpose in (0, 1):
+            inputs = {"X": x, "angles": angles, "expert_index": idx, "angle_scale": scale}
+            const = tuple(n for n in ("angles", "angle_scale") if const_angles and inputs[n] is not None)
+            y = run("ButterflyRotate", inputs, const=const, threads=1 + i % 2, transpose=transpose)
+            ref = butterfly_rotate(x, angles, idx, scale, bool(transpose))
+            tol = 1e-5 * (1 + np.abs(x).max(initial=0))
+            assert y.shape == x.shape and np.abs(y - ref).max(initial=0) <= tol, (m, d, e, transpose)
+
+
+def test_butterfly_roundtrip_and_trailing_omitted_input(variant):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 300)).astype(np.float32)
+    angles, _ = angles_of(rng, 1, 300, "float32")
+    y = run("ButterflyRotate", {"X": x, "angles": angles})  # expert_index and angle_scale omitted
+    back = run("ButterflyRotate", {"X": y, "angles": angles}, transpose=1)
+    np.testing.assert_allclose(back, x, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ errors
+
+def _tmm_inputs(**over):
+    rng = np.random.default_rng(5)
+    a, w, s = tmm_case(rng, 3, 10, 4, "2bit")
+    inputs = {"A": a, "W": w, "s": s}
+    inputs.update(over)
+    return inputs
+
+
+def _bad_code(packing):
+    w = pack_trits(np.zeros((4, 10), np.int8), packing)
+    w[2, 1] = 0b11 << 2 if packing == "2bit" else 250
+    return w
+
+
+TMM_ERRORS = [
+    (dict(A=np.zeros((3, 10))), {}, "input A must be float32, got float64"),
+    (dict(A=np.zeros((1, 3, 10), np.float32)), {}, "input A must have rank 2"),
+    (dict(A=np.zeros((3, 11), np.float32)), {}, "has 11 columns but attribute K = 10"),
+    (dict(W=np.zeros((4, 3), np.int8)), {}, "input W_packed must be uint8, got int8"),
+    (dict(W=np.zeros(12, np.uint8)), {}, "input W_packed must have rank 2"),
+    (dict(W=np.zeros((4, 2), np.uint8)), {}, "has 2 bytes per row, expected 3 for K = 10"),
+    (dict(W=np.zeros((0, 3), np.uint8), s=np.zeros(0, np.float32)), {}, "N >= 1"),
+    (dict(s=np.ones(5, np.float32)), {}, "input scale must have shape \\[N\\] = \\[4\\]"),
+    (dict(s=np.ones(4, np.float64)), {}, "input scale must be float32"),
+    (dict(W=_bad_code("2bit")), {}, "invalid 2-bit trit code"),
+    (dict(W=_bad_code("2bit")), dict(act_quant=1), "invalid 2-bit trit code"),
+    (dict(W=_bad_code("base3")), dict(packing="base3"), "invalid base3 byte"),
+    ({}, dict(packing="base3"), "has 3 bytes per row, expected 2 for K = 10 \\(base3"),
+    ({}, dict(K=0), "attribute K must be >= 1"),
+    ({}, dict(K=None), "attribute K is required"),
+    ({}, dict(packing="3bit"), "attribute packing must be"),
+    ({}, dict(act_quant=2), "attribute act_quant must be 0 or 1"),
+]
+
+
+@pytest.mark.parametrize("over, attrs, msg", TMM_ERRORS)
+def test_ternary_matmul_errors(variant, over, attrs, msg):
+    attrs = {"K": 10, **attrs}
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    with pytest.raises(Exception, match=msg):
+        run("TernaryMatMul", _tmm_inputs(**over), **attrs)
+
+
+def _rot_inputs(**over):
+    rng = np.random.default_rng(6)
+    angles, _ = angles_of(rng, 3, 6, "float32")
+    inputs = {"X": rng.standard_normal((4, 6)).astype(np.float32), "angles": angles,
+              "expert_index": np.array([0, 2, 1, 0], np.int64), "angle_scale": None}
+    inputs.update(over)
+    return inputs
+
+
+ROT_ERRORS = [
+    (dict(X=np.zeros((4, 6), np.int32)), {}, "input X must be float32, got int32"),
+    (dict(X=np.zeros(6, np.float32)), {}, "input X must have rank 2"),
+    (dict(X=np.zeros((4, 1), np.float32), angles=np.zeros((3, 1, 1), np.float32)), {}, "D >= 2"),
+    (dict(angles=np.zeros((3, 3, 4), np.float64)), {}, "float32, float16 or int8, got float64"),
+    (dict(angles=np.zeros((3, 12), np.float32)), {}, "input angles must have rank 3"),
+    (dict(angles=np.zeros((3, 3, 3), np.float32)), {}, "must have shape \\[E >= 1, 3, 4\\] for D = 6"),
+    (dict(angles=np.zeros((3, 2, 4), np.float32)), {}, "must have shape \\[E >= 1, 3, 4\\]"),
+    (dict(expert_index=np.array([0, 1, 2, 0], np.int32)), {}, "expert_index must be int64, got int32"),
+    (dict(expert_index=np.array([0, 1, 2], np.int64)), {}, "expert_index must have shape \\[M\\] = \\[4\\]"),
+    (dict(expert_index=np.array([0, 1, 3, 0], np.int64)), {}, "expert_index\\[2\\] = 3 is out of range \\[0, 3\\)"),
+    (dict(expert_index=np.array([0, -1, 0, 0], np.int64)), {}, "expert_index\\[1\\] = -1 is out of range"),
+    (dict(expert_index=None), {}, "expert_index is omitted but angles has E = 3"),
+    (dict(angles=np.zeros((3, 3, 4), np.int8)), {}, "angle_scale is required when angles is int8"),
+    (dict(angle_scale=np.ones(3, np.float32)), {}, "angle_scale must be omitted when angles is float32"),
+    (dict(angles=np.zeros((3, 3, 4), np.int8), angle_scale=np.ones(2, np.float32)), {},
+     "angle_scale must have shape \\[E\\] = \\[3\\]"),
+    (dict(angles=np.zeros((3, 3, 4), np.int8), angle_scale=np.ones(3, np.float16)), {},
+     "angle_scale must be float32, got float16"),
+    ({}, dict(transpose=2), "attribute transpose must be 0 or 1, got 2"),
+]
+
+
+@pytest.mark.parametrize("over, attrs, msg", ROT_ERRORS)
+@pytest.mark.parametrize("const_angles", [False, True])
+def test_butterfly_rotate_errors(over, attrs, msg, const_angles):
+    inputs = _rot_inputs(**over)
+    const = tuple(n for n in ("angles", "angle_scale") if const_angles and inputs[n] is not None)
+    with pytest.raises(Exception, match=f"ButterflyRotate: .*{msg}"):
+        run("ButterflyRotate", inputs, const=const, **attrs)
+
+
+@pytest.mark.parametrize("value, msg", [("bogus", "is not a kernel variant"),
+                                        (next((v for v in ALL_VARIANTS if v not in VARIANTS), "neon"),
+                                         "is not available on this CPU")])
+def test_forced_variant_errors(monkeypatch, value, msg):
+    monkeypatch.setenv("BMOE_KERNEL", value)
+    with pytest.raises(Exception, match=f"BMOE_KERNEL={value} {msg}"):
+        run("ButterflyRotate", _rot_inputs())
+
+
+# ------------------------------------------------------------------- threads & loading
+
+def test_concurrent_runs_on_one_session():
+    rng = np.random.default_rng(7)
+    k, n, d = 96, 40, 40
+    w = pack_trits(rng.integers(-1, 2, (n, k)).astype(np.int8))
+    s = rng.random(n).astype(np.float32)
+    angles, _ = angles_of(rng, 3, d, "float32")
+    x = helper.make_tensor_value_info
+    nodes = [helper.make_node("TernaryMatMul", ["A", "W", "s"], ["H"], domain="ai.bmoe", K=k),
+             helper.make_node("ButterflyRotate", ["H", "angles", "idx"], ["Y"], domain="ai.bmoe")]
+    graph = helper.make_graph(nodes, "g", [x("A", TensorProto.FLOAT, None), x("idx", TensorProto.INT64, None)],
+                              [x("Y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(v, nm) for nm, v in
+                                           (("W", w), ("s", s), ("angles", angles))])
+    sess = session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                           helper.make_opsetid("ai.bmoe", 1)]), threads=2)
+    cases = []
+    for i in range(8):
+        a = rng.standard_normal((1 + 3 * i, k)).astype(np.float32)
+        idx = rng.integers(0, 3, len(a)).astype(np.int64)
+        cases.append((a, idx, butterfly_rotate(ternary_matmul(a, w, s, k), angles, idx)))
+    errors = []
+
+    def worker(t):
+        for r in range(25):
+            a, idx, ref = cases[(t + r) % len(cases)]
+            y = sess.run(None, {"A": a, "idx": idx})[0]
+            if not np.allclose(y, ref, atol=1e-3):
+                errors.append((t, r))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_library_path_env_override(monkeypatch, tmp_path):
+    real = ort_ops.library_path()
+    monkeypatch.setenv("BMOE_OPS_LIB", str(real))
+    assert ort_ops.library_path() == real
+    monkeypatch.setenv("BMOE_OPS_LIB", str(tmp_path / "missing.so"))
+    assert ort_ops.library_path() is None and not ort_ops.available()
+    with pytest.raises(RuntimeError, match="libbmoe_ops.so not found"):
+        ort_ops.register(ort.SessionOptions())
