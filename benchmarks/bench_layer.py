@@ -40,7 +40,7 @@ def export(variant: str, root: Path) -> tuple[Path, int]:
     torch.manual_seed(0)
     layer = torch.nn.Sequential(ButterflyMoE(D, D_FF, N, K, variant=variant)).eval()
     out = export_module(layer, (torch.randn(3, D),), root / variant, ["x"], ["y"],
-                        dynamic_shapes={"x": {0: torch.export.Dim("tokens")}}, options=ExportOptions("2bit", "fp16"))
+                        dynamic_shapes=({0: torch.export.Dim("tokens")},), options=ExportOptions("2bit", "fp16"))
     manifest = json.loads((out / "manifest.json").read_text())
     kinds = manifest["bytes_by_kind"]
     return out, kinds.get("prototypes", 0) + kinds.get("angles", 0) + kinds.get("experts", 0)

@@ -60,7 +60,7 @@ class GatheredExperts(nn.Module):
         self.register_buffer("expert_weight", bank.weights().detach().float().contiguous())
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-        w = self.expert_weight[expert_index]  # [R, d_out, d_in]: only the chosen experts are read
+        w = torch.index_select(self.expert_weight, 0, expert_index)  # [R, d_out, d_in]: only chosen experts are read
         return (w @ x.unsqueeze(-1)).squeeze(-1)
 
 
