@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -50,8 +49,11 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    except pickle.UnpicklingError:  # torch's message here is advice to load unsafely: not ours to give
+        raise CheckpointError(f"{path} is not a readable checkpoint (not a torch.save file of plain tensors "
+                              "and containers: corrupt, or it holds pickled objects bmoe never loads)") from None
+    except Exception as exc:  # truncated or foreign files fail in many ways (OSError, EOFError, zip errors, ...)
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_describe(exc, 160)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bmoe checkpoint (no format tag {FORMAT!r})")
     if ckpt.get("version") != VERSION:
@@ -68,5 +70,11 @@ def load_model(path: str | Path) -> tuple[MoELM, Tokenizer, dict]:
         model.load_state_dict(ckpt["state_dict"])
         tok = tokenizer_from_dict(ckpt["tokenizer"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} does not match this bmoe's model: {str(exc).splitlines()[0][:200]}") from None
+        raise CheckpointError(f"{path} does not match this bmoe's model: {_describe(exc, 200)}") from None
     return model.eval(), tok, ckpt
+
+
+def _describe(exc: BaseException, limit: int) -> str:
+    """One line: the exception's type and the start of its message (which may be empty or multi-line)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__

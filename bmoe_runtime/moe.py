@@ -78,7 +78,7 @@ class IndependentExperts(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 rows = order[start:start + n]
-                out[rows] = x[rows] @ w[e].T
+                out[rows] = (x[rows] @ w[e].T).to(out.dtype)  # autocast gives bf16 products
                 start += n
         return out
 

@@ -29,6 +29,16 @@ class TrainConfig:
     eval_tokens: int = 32768  # per evaluation (None-like 0 = the whole split)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "seq", "eval_every"):  # 0 would divide by zero or train on nothing
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
 
 PRESETS: dict[str, tuple[dict, dict]] = {
     # minutes on a 2-core CPU
@@ -111,7 +121,14 @@ def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = No
         state = ckpt["train_state"]
         cfg = ModelConfig.from_dict(ckpt["config"])
         tok = tokenizer_from_dict(ckpt["tokenizer"])
-        tc = TrainConfig(**state["train_config"])
+        saved = TrainConfig(**state["train_config"])
+        ignored = {k: v for k, v in (train_overrides or {}).items() if getattr(saved, k, v) != v}
+        if ignored:
+            log(f"--resume continues {out} with its saved settings; ignoring {ignored}")
+        tc = saved
+        if state["step"] >= tc.steps and "test" in ckpt.get("metrics", {}):
+            log(f"{out} already finished its {tc.steps} steps; nothing to resume")
+            return ckpt["metrics"]  # unchanged: no re-evaluation, no duplicate history entry
     else:
         tok = build_tokenizer(tokenizer, corpus, bpe_vocab)
         cfg = ModelConfig(**{**m_over, **(overrides or {}), "vocab_size": tok.vocab_size})
