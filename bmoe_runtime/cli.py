@@ -29,7 +29,7 @@ from .train import PRESETS
 @click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True)
 @click.option("--bpe-vocab", type=int, default=4096, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, help="Random seed [default: 0; a resumed run keeps its own].")
 @click.option("--resume", is_flag=True, help="Continue from --out's saved training state.")
 @user_errors
 def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, steps, batch, seq, lr,
@@ -56,19 +56,28 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="Write the run's report here.")
+@click.option("--device", help="Plan for this device (bmoe devices lists them; or a .toml profile); "
+              "off the device, threads are limited to its cores and its speed is estimated.")
+@click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True), help="Memory budget (MiB) for the plan "
+              "(default: the device's RAM less its reserved share).")
+@click.option("--context", type=click.IntRange(min=1), help="Context length to plan the KV cache for "
+              "(default: prompt + new tokens).")
 @user_errors
-def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_path):
+def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_path, device, budget_mb, context):
     """Generate text with an exported model (default: the bundled one)."""
     import json
     import sys
 
     from .generate import GenerationStats, Generator
     from .session import ModelSession
-    from . import default_model_dir, ort_ops
+    from . import default_model_dir, ort_ops, ram
 
     model_dir = model_dir or default_model_dir()
     if backend == "auto":
         backend = "ort" if ort_ops.available() else "numba"
+    plan = None
+    if device or budget_mb or context:  # plan first, then allocate
+        plan, threads = _run_plan(model_dir, backend, device or "host", budget_mb, context, threads, prompt, n_new)
     gen = Generator(ModelSession(model_dir, backend, threads))
     click.echo(f"[bmoe] {model_dir} on {backend}", err=True)
     stats = GenerationStats()
@@ -84,9 +93,142 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
               "new_tokens": stats.new_tokens, "time_to_first_token_s": stats.first_token_s,
               "decode_tokens_per_s": stats.decode_tok_s, "text": shown}
     click.echo(f"[bmoe] first token {stats.first_token_s * 1000:.1f} ms, decode {stats.decode_tok_s:.1f} tok/s", err=True)
+    report["memory"] = ram.measure()
+    if plan:
+        report.update(_run_report(*plan, report["memory"], stats.decode_tok_s))
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
+
+
+def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, context: int | None,
+              threads: int | None, prompt: str, n_new: int) -> tuple[tuple, int | None]:
+    """Plan before loading: refuse what cannot fit, limit threads off-device, say what is not implemented."""
+    import json
+    from pathlib import Path
+
+    from .devices import resolve_device
+    from .errors import BmoeError
+    from .manifest import read_manifest
+    from .planner import MIB, Settings, make_plan, refusal
+    from .tokenizer import tokenizer_from_dict
+
+    dev = resolve_device(device)
+    manifest = read_manifest(model_dir, verify=False)  # the session verifies checksums when it loads
+    tok = tokenizer_from_dict(json.loads((Path(model_dir) / manifest["tokenizer"]).read_text(encoding="utf-8")))
+    n_prompt = len(tok.encode(prompt))
+    if context is not None and context < n_prompt + n_new:
+        raise BmoeError(f"--context {context} is shorter than the prompt ({n_prompt} tokens) + {n_new} new tokens")
+    if not dev.is_host:
+        if threads and threads > dev.cores:
+            click.echo(f"[bmoe] --threads {threads} limited to {dev.name}'s {dev.cores} cores", err=True)
+        # by default also no more than this host has: oversubscribed threads only slow the run down
+        threads = min(threads or min(dev.cores, resolve_device("host").cores), dev.cores)
+    settings = Settings(backend, context or n_prompt + n_new, n_prompt, 1, threads)
+    budget = int(budget_mb * MIB) if budget_mb else None
+    plan = make_plan(manifest, dev, settings, budget, model_name=str(model_dir))
+    if refusal(plan):
+        raise BmoeError(refusal(plan))
+    click.echo(f"[bmoe] {plan.summary()}", err=True)
+    as_run = make_plan(manifest, dev, settings, budget, model_name=str(model_dir), all_resident=True)
+    if plan.streaming:
+        click.echo(f"[bmoe] the budget needs angle streaming ({plan.cache_experts} of {plan.n_experts} experts a "
+                   f"layer cached); streaming not implemented yet: all angles resident, predicted peak "
+                   f"{as_run.peak_bytes / MIB:.1f} MiB", err=True)
+    return (dev, plan, as_run), threads
+
+
+def _run_report(dev, plan, as_run, memory: dict, measured_tok_s: float) -> dict:  # Device, Plan, Plan
+    """Planned vs measured memory; off the device, a labelled estimate of its speed."""
+    from .planner import MIB
+
+    peak = memory["peak_rss_bytes"]
+    ratio = peak / as_run.peak_bytes if peak else None
+    line = f"[bmoe] memory: peak RSS {peak / MIB:.1f} MiB" if peak else "[bmoe] memory: peak RSS unknown"
+    if memory["pss_bytes"]:
+        line += f", PSS {memory['pss_bytes'] / MIB:.1f} MiB"
+    line += f"; predicted peak {as_run.peak_bytes / MIB:.1f} MiB"
+    line += f" (measured/predicted {ratio:.2f})" if ratio else ""
+    click.echo(line, err=True)
+    out = {"device": dev.to_dict(), "on_device": dev.is_host, "plan": plan.to_dict(), "plan_as_run": as_run.to_dict(),
+           "memory": {**memory, "predicted_peak_bytes": as_run.peak_bytes, "measured_over_predicted": ratio},
+           "streaming": {"needed": plan.streaming, "implemented": False,
+                         "note": "streaming not implemented yet: all angles resident" if plan.streaming else None}}
+    if not dev.is_host:
+        click.echo(f"[bmoe] NOT run on {dev.name}: ran on this host with {plan.settings['threads']} threads "
+                   f"(at most {dev.name}'s {dev.cores} cores); the memory above is this host's", err=True)
+        est = {"label": "ESTIMATE (not measured): memory/storage bandwidth bound, compute not modelled",
+               "device": dev.name, "decode_tokens_per_s": as_run.estimate_tokens_per_s,
+               "ram_read_bytes_per_token": as_run.ram_read_bytes_per_token,
+               "streamed_bytes_per_token": as_run.streamed_bytes_per_token,
+               "mem_bandwidth_gbs": dev.mem_bandwidth_gbs, "measured_here_tokens_per_s": measured_tok_s}
+        if plan.streaming:
+            est["with_streaming_decode_tokens_per_s"] = plan.estimate_tokens_per_s
+            est["with_streaming_streamed_bytes_per_token"] = plan.streamed_bytes_per_token
+        click.echo(f"[bmoe] ESTIMATE for {dev.name}: <= {as_run.estimate_tokens_per_s:,.0f} tok/s decode "
+                   f"({as_run.ram_read_bytes_per_token / MIB:.2f} MiB read per token at "
+                   f"{dev.mem_bandwidth_gbs:g} GB/s; "
+                   f"compute not modelled, so a ceiling)", err=True)
+        if plan.streaming:
+            click.echo(f"[bmoe] ESTIMATE for {dev.name} with the planned streaming: <= "
+                       f"{plan.estimate_tokens_per_s:,.0f} tok/s ({plan.streamed_bytes_per_token / 1024:.1f} KiB "
+                       f"read from storage per token)", err=True)
+        out["estimate"] = est
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@user_errors
+def devices_cli():
+    """List the device profiles (and this host) the planner knows."""
+    from .devices import ALIASES, all_devices
+
+    def num(v, fmt: str) -> str:
+        return "unknown" if v is None else format(v, fmt)
+
+    click.echo(f"{'name':<18}{'arch':<9}{'cores':>6}{'RAM MiB':>9}{'reserved':>9}{'budget MiB':>11}{'mem GB/s':>10}"
+               f"{'read MB/s':>10}{'lat ms':>8}  isa")
+    for d in all_devices():
+        click.echo(f"{d.name:<18}{d.arch:<9}{d.cores:>6}{d.ram_mb:>9.0f}{d.reserved_fraction:>9.2f}"
+                   f"{d.budget_bytes / 2**20:>11.0f}{num(d.mem_bandwidth_gbs, 'g'):>10}"
+                   f"{num(d.storage_read_mbs, 'g'):>10}"
+                   f"{num(d.storage_latency_ms, 'g'):>8}  {','.join(d.isa)}")
+    click.echo("aliases: " + ", ".join(f"{a} -> {n}" for a, n in ALIASES.items()))
+    click.echo("host: read from this machine (budget = MemAvailable; bandwidths not measured)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model_dir", required=False, type=click.Path())
+@click.option("--device", default="host", show_default=True, help="Profile name, alias, host, or a .toml file.")
+@click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True), help="Memory budget in MiB.")
+@click.option("--context", type=click.IntRange(min=1), help="KV positions (default: the model's max_seq).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "ort", "numba"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(), help="Write the plan here.")
+@user_errors
+def plan_cli(model_dir, device, budget_mb, context, batch, backend, json_path):
+    """Plan memory for running MODEL_DIR on a device (default model: the bundled one)."""
+    import json
+
+    from . import default_model_dir, ort_ops
+    from .devices import resolve_device
+    from .errors import BmoeError
+    from .manifest import read_manifest
+    from .planner import MIB, Settings, make_plan, refusal
+
+    model_dir = model_dir or default_model_dir()
+    if backend == "auto":
+        backend = "ort" if ort_ops.available() else "numba"
+    dev = resolve_device(device)
+    budget = int(budget_mb * MIB) if budget_mb else None
+    plan = make_plan(read_manifest(model_dir, verify=False), dev, Settings(backend, context, None, batch),
+                     budget, model_name=str(model_dir))
+    click.echo(plan.table())
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(plan.to_dict(), f, indent=1)
+    if refusal(plan):
+        raise BmoeError(refusal(plan))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,6 +238,8 @@ def main_cli():
 
 main_cli.add_command(train_cli, "train")
 main_cli.add_command(run_cli, "run")
+main_cli.add_command(devices_cli, "devices")
+main_cli.add_command(plan_cli, "plan")
 
 if __name__ == "__main__":
     main_cli()

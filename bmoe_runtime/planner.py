@@ -1,0 +1,296 @@
+"""Memory plan: will an exported LM fit a device, and with how large an angle cache?
+
+peak(c) = runtime + copies·(resident weights + c·expert angles) + cos/sin tables(c)
+          + max(load transient, KV cache + activations)
+
+with c the experts a layer whose angles stay in RAM (the rest would be read from
+angles.bin per token). The largest c in [top_k, n_experts] under the budget wins; if
+even c = top_k does not fit, the plan is refused. Every term is listed in docs/planner.md
+with the measurements behind it. Sizes are bytes; MiB = 2^20 bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .devices import Device
+from .errors import BmoeError
+
+MIB = 2**20
+F32 = 4
+# Per-backend memory behaviour, measured on exported models (docs/planner.md):
+#   numba: onnx.load holds every weight in the protobuf and the ReferenceEvaluator again as numpy
+#          arrays (2 copies); onnx.checker serializes the loaded model once more while loading
+#          (1 transient copy); it keeps every intermediate of a step until the step returns.
+#   ort:   one copy of the weights; ButterflyRotate builds cos/sin tables for all experts at
+#          session creation; the arena reuses activation buffers across layers.
+COPIES = {"numba": 2, "ort": 1}
+LOAD_TRANSIENT_COPIES = {"numba": 1, "ort": 0}
+TABLES = {"numba": False, "ort": True}
+# If the overhead probe cannot run: peak RSS of the probe on the dev machine (x86_64, Python 3.11).
+FALLBACK_OVERHEAD = {"numba": 350 * MIB, "ort": 325 * MIB}
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "ort"
+    context: int | None = None  # KV positions; default the model's max_seq
+    prefill: int | None = None  # tokens in the first step (the prompt); default the whole context
+    batch: int = 1
+    threads: int | None = None
+
+
+@dataclass
+class Plan:
+    model: str
+    device: dict
+    settings: dict
+    budget_bytes: int
+    budget_source: str
+    components: dict[str, int]  # what the peak adds up from, in order
+    load_transient_bytes: int  # overlaps nothing of the run: max(this, KV + activations) counts
+    peak_bytes: int
+    fits: bool
+    n_experts: int
+    top_k: int
+    moe_layers: int
+    cache_experts: int  # per layer
+    expert_angle_bytes: int  # one expert's angle slices, all layers
+    smallest_peak_bytes: int  # cache of top_k experts a layer
+    all_resident_peak_bytes: int
+    streaming: bool
+    expected_misses_per_token: float
+    streamed_bytes_per_token: float
+    ram_read_bytes_per_token: float
+    estimate_tokens_per_s: float | None  # bandwidth roofline on the device; None when bandwidth is unknown
+    overhead_source: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        s = self.settings
+        rows = [f"plan: {self.model} on {self.device['name']} ({s['backend']} backend, context {s['context']}, "
+                f"prefill {s['prefill']}, batch {s['batch']}, threads {s['threads'] or 'default'})",
+                f"budget {self.budget_bytes / MIB:.1f} MiB: {self.budget_source}", "",
+                f"{'component':<44}{'MiB':>12}"]
+        rows += [f"  {name:<42}{b / MIB:>12.3f}" for name, b in self.components.items()]
+        if self.load_transient_bytes:
+            rows.append(f"  {'(load transient, before KV/activations)':<42}{self.load_transient_bytes / MIB:>12.3f}")
+        rows += [f"{'peak (predicted)':<44}{self.peak_bytes / MIB:>12.3f}"
+                 f"   {100 * self.peak_bytes / self.budget_bytes:.1f}% of budget",
+                 f"{f'smallest plan ({self.top_k} experts a layer)':<44}{self.smallest_peak_bytes / MIB:>12.3f}",
+                 f"{'all angles resident':<44}{self.all_resident_peak_bytes / MIB:>12.3f}", "",
+                 f"angle cache: {self.cache_experts} of {self.n_experts} experts a layer × {self.moe_layers} layers "
+                 f"({'streaming needed' if self.streaming else 'all resident, nothing streamed'})"]
+        if self.streaming:
+            rows.append(f"streamed per token: {self.expected_misses_per_token:.2f} expert misses, "
+                        f"{self.streamed_bytes_per_token / 1024:.1f} KiB (uniform routing)")
+        rows.append(f"RAM read per token: {self.ram_read_bytes_per_token / MIB:.3f} MiB")
+        if self.estimate_tokens_per_s is not None:
+            rows.append(f"ESTIMATE decode on {self.device['name']}: <= {self.estimate_tokens_per_s:,.0f} tok/s "
+                        f"(memory/storage bandwidth bound; compute not modelled)")
+        rows += [f"note: {n}" for n in self.notes]
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        return (f"plan for {self.device['name']}: peak {self.peak_bytes / MIB:.1f} MiB of "
+                f"{self.budget_bytes / MIB:.1f} MiB budget, angle cache {self.cache_experts}/{self.n_experts} "
+                f"experts a layer{', streaming needed' if self.streaming else ''}")
+
+
+_PROBE = r"""
+import sys
+import numpy as np
+import bmoe_runtime.cli, bmoe_runtime.generate, bmoe_runtime.session
+from bmoe_runtime.ram import peak_rss
+backend, packing, act_quant = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if backend == "numba":  # what a run imports and compiles (or loads from numba's cache)
+    import onnx.reference
+    from bmoe_runtime import numba_ops
+    from bmoe_runtime.packing import packed_cols
+    x = np.ones((2, 8), np.float32)
+    numba_ops.butterfly_rotate(x, np.zeros((1, 3, 4), np.float32))
+    numba_ops.ternary_matmul(x, np.zeros((4, packed_cols(8, packing)), np.uint8), np.ones(4, np.float32), 8,
+                             packing, act_quant)
+else:  # onnxruntime with the ai.bmoe library and one (trivial) session
+    import onnx, onnxruntime as ort
+    from onnx import helper, TensorProto
+    from bmoe_runtime import ort_ops
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    opts = ort.SessionOptions()
+    ort_ops.register(opts)
+    s = ort.InferenceSession(helper.make_model(g).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    s.run(None, {"x": np.ones(1, np.float32)})
+print(peak_rss())
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_overhead(backend: str, packing: str = "2bit", act_quant: int = 0) -> tuple[int, str]:
+    """Peak RSS of a fresh process that imports and warms up what bmoe-run uses, before any model.
+
+    $BMOE_OVERHEAD_MB replaces the measurement (e.g. with one taken on the target device).
+    """
+    given = os.environ.get("BMOE_OVERHEAD_MB")
+    if given:
+        try:
+            mb = float(given)
+        except ValueError:
+            mb = -1.0
+        if not 0 < mb < 2**24:
+            raise BmoeError(f"BMOE_OVERHEAD_MB must be a positive number of MiB, got {given!r}")
+        return int(mb * MIB), "given: $BMOE_OVERHEAD_MB"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE, backend, packing, str(act_quant)], env=env,
+                             capture_output=True, text=True, timeout=300, check=True)
+        return int(out.stdout.split()[-1]), "measured: peak RSS of a bare import in a subprocess"
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        return FALLBACK_OVERHEAD[backend], f"fallback constant (probe failed: {type(exc).__name__})"
+
+
+def _table_bytes(shape: list[int]) -> int:
+    """cos/sin table of one expert as the C++ op builds it: P·(S + min(S, 4)) floats (custom_ops/src/butterfly.h)."""
+    s, p = shape[1], 2 * shape[2]
+    return F32 * p * (s + min(s, 4))
+
+
+def activation_bytes(cfg: dict, backend: str, tokens: int, context: int, batch: int) -> int:
+    """Intermediates of one step of `tokens` new tokens over `context` positions (counted on the graph).
+
+    Per token and layer, in floats: 11·d (norms, q/k/v, attention out, residuals) + N (router)
+    + 5·H·ctx (scores: QKᵀ, scaled, masked, softmax, one softmax temporary) + the expert banks;
+    per token once: 4·d + V (embeddings, final norm, logits); per step: V·d (transposed tied head).
+    numba keeps all L layers' intermediates until the step ends; ORT reuses buffers (1 layer, an upper bound).
+    """
+    d, f, k, n, h, v = (cfg[x] for x in ("d_model", "d_ff", "top_k", "n_experts", "n_heads", "vocab_size"))
+    if cfg.get("expert_form", "paper") == "paper":
+        banks, per_layer = 1, 2 * k * d + 3 * k * f + 2 * f  # pairs, rotated, matmul, rotated, gated, sum, GELU
+    else:
+        banks, per_layer = 2, 5 * k * d + 4 * k * f + d
+    if cfg.get("variant", "butterfly") in ("dense", "ternary"):
+        per_layer += banks * k * d * f  # Gather copies each chosen expert's matrix
+    per_layer += 11 * d + n + 5 * h * context
+    layers = cfg["n_layers"] if backend == "numba" else 1
+    return F32 * (batch * tokens * (layers * per_layer + 4 * d + v) + v * d)
+
+
+def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: int | None = None,
+              overhead: tuple[int, str] | None = None, model_name: str = "model", all_resident: bool = False) -> Plan:
+    """The plan with the largest angle cache under the budget (or all experts, with all_resident)."""
+    if manifest.get("kind") != "lm" or "config" not in manifest:
+        raise BmoeError(f"{model_name}: planning needs a language-model export (kind 'lm')")
+    if settings.backend not in COPIES:
+        raise BmoeError(f"unknown backend {settings.backend!r}; expected one of {', '.join(COPIES)}")
+    cfg = manifest["config"]
+    context = settings.context or cfg["max_seq"]
+    if not 1 <= context <= cfg["max_seq"]:
+        raise BmoeError(f"context {context} is outside [1, {cfg['max_seq']}] (the model's max_seq)")
+    prefill = min(settings.prefill or context, context)
+    if settings.batch < 1:
+        raise BmoeError(f"batch must be >= 1, got {settings.batch}")
+    ram = int(device.ram_mb * MIB)
+    if budget_bytes is None:
+        budget_bytes = device.budget_bytes
+        source = (f"{device.ram_mb:.0f} MiB RAM × (1 − {device.reserved_fraction:g} reserved)" if not device.is_host
+                  else "MemAvailable of this machine")
+    else:
+        source = "--budget-mb"
+        if budget_bytes > ram:
+            raise BmoeError(f"budget {budget_bytes / MIB:.0f} MiB exceeds {device.name}'s "
+                            f"{device.ram_mb:.0f} MiB of RAM")
+    backend, copies = settings.backend, COPIES[settings.backend]
+    opts = manifest.get("export_options", {})
+    overhead = overhead or runtime_overhead(backend, opts.get("packing", "2bit"), int(opts.get("act_quant", False)))
+
+    # Angles by MoE layer: the tables of one layer (θ and φ of each bank) are indexed by the same expert.
+    layers: dict[str, list[dict]] = {}
+    for t in manifest.get("angle_tables", []):
+        layers.setdefault(t["tensor"].rsplit(".", 2)[0], []).append(t)
+    shapes = {name: t["shape"] for name, t in manifest["tensors"].items()}
+    n_exp, top_k = cfg["n_experts"], cfg["top_k"]
+    slice_bytes = sum(t["expert_bytes"] for ts in layers.values() for t in ts)  # one expert, all layers
+    table_bytes = sum(_table_bytes(shapes[t["tensor"]]) for ts in layers.values() for t in ts) if TABLES[backend] else 0
+    by_kind = dict(manifest["bytes_by_kind"])
+    angle_rest = by_kind.pop("angles", 0) - slice_bytes * n_exp  # int8 per-expert scales: tiny, kept resident
+    if angle_rest:
+        by_kind["angle_scales"] = angle_rest
+    resident = sum(by_kind.values())
+
+    kv = 2 * cfg["n_layers"] * settings.batch * context * cfg["d_model"] * F32
+    act = activation_bytes(cfg, backend, prefill, context, settings.batch)
+
+    def parts(c: int) -> tuple[dict[str, int], int, int]:
+        comp = {f"runtime ({backend}; {overhead[1].split(':')[0]})": overhead[0]}
+        comp |= {f"weights: {kind}": b for kind, b in sorted(by_kind.items(), key=lambda kb: -kb[1])}
+        if copies > 1:
+            comp["weights: second copy (protobuf + numpy)"] = (copies - 1) * resident
+        comp[f"angles: {c}/{n_exp} experts × {len(layers)} layers" + (f" × {copies}" if copies > 1 else "")] = \
+            copies * c * slice_bytes
+        if table_bytes:
+            comp["angles: cos/sin tables (ort op)"] = c * table_bytes
+        comp["KV cache (past + present)"] = 2 * kv
+        comp[f"activations ({prefill}-token step)"] = act
+        transient = LOAD_TRANSIENT_COPIES[backend] * (resident + c * slice_bytes)
+        return comp, transient, sum(comp.values()) - 2 * kv - act + max(transient, 2 * kv + act)
+
+    lo = min(top_k, n_exp) if layers else 0
+    cache = n_exp if layers else 0
+    if not all_resident:
+        while cache > lo and parts(cache)[2] > budget_bytes:
+            cache -= 1
+    comp, transient, peak = parts(cache)
+
+    # Per token: weights read (tied head read whole, one position row), the chosen experts' angles, KV at mean fill.
+    emb = sum(b["bytes"] for n, b in manifest["tensors"].items() if "tok_emb" in n) or by_kind.get("embeddings", 0)
+    pos = sum(b["bytes"] for n, b in manifest["tensors"].items() if "pos_emb" in n) // cfg["max_seq"]
+    weights_read = resident - by_kind.get("embeddings", 0) - by_kind.get("experts", 0) + emb + pos \
+        + by_kind.get("experts", 0) * top_k // n_exp
+    angle_read = top_k * (table_bytes or slice_bytes)
+    ram_read = weights_read / settings.batch + angle_read + cfg["n_layers"] * context * cfg["d_model"] * F32
+    miss_frac = (1 - cache / n_exp) if layers else 0.0
+    misses = len(layers) * top_k * miss_frac
+    streamed = top_k * miss_frac * slice_bytes
+    estimate = None
+    if device.mem_bandwidth_gbs:
+        seconds = ram_read / (device.mem_bandwidth_gbs * 1e9)
+        if streamed:  # one pread per angle table of each missed expert
+            reads = misses * (len(manifest["angle_tables"]) / len(layers))
+            seconds += streamed / (device.storage_read_mbs * 1e6) + reads * device.storage_latency_ms / 1e3
+        estimate = 1 / seconds
+    notes = []
+    if not device.is_host:
+        notes.append(f"runtime overhead is measured on this host ({sys.platform}); {device.name}'s Python "
+                     f"stack may differ")
+    return Plan(model=model_name, device=device.to_dict(),
+                settings={"backend": backend, "context": context, "prefill": prefill, "batch": settings.batch,
+                          "threads": settings.threads},
+                budget_bytes=budget_bytes, budget_source=source, components=comp, load_transient_bytes=transient,
+                peak_bytes=peak, fits=peak <= budget_bytes, n_experts=n_exp, top_k=top_k, moe_layers=len(layers),
+                cache_experts=cache, expert_angle_bytes=slice_bytes, smallest_peak_bytes=parts(lo)[2],
+                all_resident_peak_bytes=parts(n_exp if layers else 0)[2], streaming=cache < n_exp and bool(layers),
+                expected_misses_per_token=misses, streamed_bytes_per_token=streamed,
+                ram_read_bytes_per_token=ram_read, estimate_tokens_per_s=estimate, overhead_source=overhead[1],
+                notes=notes)
+
+
+def refusal(plan: Plan) -> str | None:
+    """One line saying why the plan does not fit, or None."""
+    if plan.fits:
+        return None
+    big = sorted(plan.components.items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{name} {b / MIB:.1f}" for name, b in big)
+    return (f"{plan.model} does not fit {plan.device['name']}: even the smallest plan (angles of {plan.top_k} experts "
+            f"a layer in RAM) peaks at {plan.smallest_peak_bytes / MIB:.1f} MiB, the budget is "
+            f"{plan.budget_bytes / MIB:.1f} MiB ({plan.budget_source}); largest parts (MiB): {parts}. "
+            f"Try a shorter --context, another backend or a larger --budget-mb.")
