@@ -5,18 +5,28 @@ Public API for putting ButterflyMoE layers into your own modules:
     from bmoe_runtime import ButterflyMoE, balance_loss
     layer = ButterflyMoE(d_model=256, d_ff=1024, n_experts=64, top_k=2)
     loss = task_loss + 0.01 * balance_loss(model)
+
+The training API needs torch; it is imported on first use, so the runtime
+(`bmoe_runtime.session`, `bmoe-run`) never loads torch (~200 MiB of RSS on a device).
 """
 
+from __future__ import annotations
+
+import importlib
 from pathlib import Path
 
-from .butterfly import ButterflyRotation
-from .memory import model_memory, paper_expert_ratio
-from .model import ModelConfig, MoELM
-from .moe import ButterflyExperts, ButterflyMoE, IndependentExperts, balance_loss
-from .ternary import fake_quantize, quantize
+_LAZY = {
+    "ButterflyRotation": "butterfly", "ButterflyMoE": "moe", "ButterflyExperts": "moe",
+    "IndependentExperts": "moe", "balance_loss": "moe", "ModelConfig": "model", "MoELM": "model",
+    "quantize": "ternary", "fake_quantize": "ternary", "model_memory": "memory", "paper_expert_ratio": "memory",
+}
+__all__ = [*_LAZY, "default_model_dir"]
 
-__all__ = ["ButterflyMoE", "ButterflyRotation", "ButterflyExperts", "IndependentExperts", "balance_loss",
-           "ModelConfig", "MoELM", "quantize", "fake_quantize", "model_memory", "paper_expert_ratio"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_model_dir() -> Path:

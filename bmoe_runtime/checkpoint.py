@@ -13,14 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
 from .model import ModelConfig, MoELM
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT, VERSION = "bmoe-checkpoint", 1
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable bmoe checkpoint."""
 
 
 def save_checkpoint(path: str | Path, model: MoELM, tokenizer: Tokenizer, metrics: dict,

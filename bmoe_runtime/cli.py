@@ -5,14 +5,13 @@ from __future__ import annotations
 import click
 
 from .errors import user_errors
-from .moe import EXPERT_FORMS, VARIANTS
-from .train import PRESETS
+from .choices import EXPERT_FORMS, PRESET_NAMES, VARIANTS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", required=True, type=click.Path(), help="Corpus: a directory with train/valid/test.txt, or one text file (split 90/10).")
 @click.option("--out", required=True, type=click.Path(), help="Checkpoint to write (model.pt).")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(PRESET_NAMES), default="tiny", show_default=True)
 @click.option("--variant", type=click.Choice(VARIANTS), default="butterfly", show_default=True)
 @click.option("--expert-form", type=click.Choice(EXPERT_FORMS), default="paper", show_default=True)
 @click.option("--experts", type=int, help="Number of experts N (preset's by default).")

@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class CorpusError(ValueError):
-    """A corpus path that cannot be read as a corpus."""
+from .errors import CorpusError
 
 
 @dataclass

@@ -7,12 +7,17 @@ from typing import Callable
 
 import click
 
-from .checkpoint import CheckpointError
-from .data import CorpusError
-
 
 class BmoeError(ValueError):
     """Bad input found by bmoe itself (a model directory, a device profile, a run setting)."""
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable bmoe checkpoint."""
+
+
+class CorpusError(ValueError):
+    """A corpus path that cannot be read as a corpus."""
 
 
 USER_ERRORS = (BmoeError, CheckpointError, CorpusError, ValueError, FileNotFoundError, PermissionError)

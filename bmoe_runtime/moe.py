@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .butterfly import ButterflyRotation
+from .choices import EXPERT_FORMS, VARIANTS
 from .ternary import fake_quantize
 
-VARIANTS = ("butterfly", "dense", "ternary", "static")
-EXPERT_FORMS = ("paper", "ffn")
 Variant = Literal["butterfly", "dense", "ternary", "static"]
 ExpertForm = Literal["paper", "ffn"]
 

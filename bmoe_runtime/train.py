@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .choices import PRESET_NAMES
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .data import Corpus, TokenStream, count_words, load_corpus
 from .model import ModelConfig, MoELM
@@ -48,6 +49,9 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     "paper": (dict(d_model=512, n_layers=4, n_heads=8, d_ff=2048, n_experts=8, top_k=2, max_seq=128),
               dict(steps=6000, batch=32, seq=128, lr=1e-3, warmup=300, eval_every=1000, eval_tokens=0)),
 }
+
+
+assert tuple(PRESETS) == PRESET_NAMES
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
