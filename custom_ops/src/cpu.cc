@@ -11,6 +11,9 @@
 #define HWCAP_ASIMDDP (1 << 20)
 #endif
 #endif
+#if defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
 
 namespace bmoe {
 
@@ -27,7 +30,11 @@ static CpuFeatures detect() {
 #if defined(__linux__)
   f.dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
 #elif defined(__APPLE__)
-  f.dotprod = true;  // every Apple AArch64 core has it
+  // Not every Apple AArch64 core has it (A7-A12 lack it; iOS 17/18 still run on A12):
+  // ask the kernel (iOS 15+/macOS 12+; where the key is unknown, fall back to NEON).
+  int dp = 0;
+  size_t len = sizeof dp;
+  f.dotprod = sysctlbyname("hw.optional.arm.FEAT_DotProd", &dp, &len, nullptr, 0) == 0 && dp != 0;
 #endif
 #endif
   return f;
