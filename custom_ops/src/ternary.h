@@ -40,10 +40,32 @@ static inline const uint8_t* chunk_ptr(const uint8_t* row, size_t c, size_t Kb, 
   return buf;
 }
 
+// ---- Exact fp32 at small M with a constant W: table lookups over trit triples (T-MAC style).
+// At kernel creation a constant W is repacked ("LUT layout"): rows in groups of kLutRows = 16;
+// trits k = 3i, 3i+1, 3i+2 of a row form the base-3 index d0 + 3·d1 + 9·d2 (d = t + 1, 0…26),
+// six indices per dword (bits 5s…5s+4 hold triple 6j+s), and for row group g and dword
+// column j the 16 rows' dwords are contiguous: word (g·J + j)·16 + r, J = ceil(K / 18).
+// Trits past K and rows past N hold index 13 (all zero). Per call and row of A, table
+// tab[(6j+s)·32 + i] = Σ_c t_c(i)·a[18j + 3s + c] for i < 27 (partial sums in a fixed
+// order, zero trits skipped), 0 for i ≥ 27; each index is then one table lookup.
+constexpr size_t kLutRows = 16, kLutK = 18;
+inline size_t lut_cols(size_t K) { return (K + kLutK - 1) / kLutK; }  // J
+
+// tab (6·J·32 floats) for activations a[0..18·J) (caller zero-pads past K).
+using LutTables = void (*)(const float* a, size_t J, float* tab);
+// Y[n] = scale[n] · Σ_j,s tab[(6j+s)·32 + index(n, j, s)] for n in row groups [g0, g1), n < N.
+using LutKernel = void (*)(const float* tab, size_t J, const uint32_t* Wl, size_t g0, size_t g1, const float* scale,
+                           size_t N, float* Y);
+
 struct Kernels {
   F32Kernel f32;
   I8Kernel i8;
+  LutTables lut_tables;  // nullptr: the variant has no LUT path
+  LutKernel lut;
 };
+
+void lut_tables_scalar(const float*, size_t, float*);
+void lut_scalar(const float*, size_t, const uint32_t*, size_t, size_t, const float*, size_t, float*);
 
 bool f32_scalar(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
 bool i8_scalar(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
@@ -53,6 +75,8 @@ bool f32_avx2(const float*, size_t, size_t, const uint8_t*, size_t, size_t, cons
 bool i8_avx2(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
              const float*, float*, size_t);
 bool f32_avx512(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
+void lut_tables_avx512(const float*, size_t, float*);
+void lut_avx512(const float*, size_t, const uint32_t*, size_t, size_t, const float*, size_t, float*);
 bool i8_avx512(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
                const float*, float*, size_t);
 bool i8_avx512vnni(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,14 +21,15 @@ using namespace ternary;
 Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(__x86_64__) || defined(__i386__)
-    case Variant::Avx2: return {f32_avx2, i8_avx2};
-    case Variant::Avx512: return {f32_avx512, cpu_features().avx512vnni ? i8_avx512vnni : i8_avx512};
+    case Variant::Avx2: return {f32_avx2, i8_avx2, nullptr, nullptr};
+    case Variant::Avx512:
+      return {f32_avx512, cpu_features().avx512vnni ? i8_avx512vnni : i8_avx512, lut_tables_avx512, lut_avx512};
 #endif
 #if defined(__aarch64__)
-    case Variant::Neon: return {f32_neon, i8_neon};
-    case Variant::Dotprod: return {f32_neon, i8_dotprod};
+    case Variant::Neon: return {f32_neon, i8_neon, nullptr, nullptr};
+    case Variant::Dotprod: return {f32_neon, i8_dotprod, nullptr, nullptr};
 #endif
-    default: return {f32_scalar, i8_scalar};
+    default: return {f32_scalar, i8_scalar, lut_tables_scalar, lut_scalar};
   }
 }
 
@@ -59,12 +61,51 @@ bool base3_to_2bit(const uint8_t* in, size_t Kb3, uint8_t* out, size_t Kb2) {
   return bad == 0;
 }
 
+// A constant W repacked at kernel creation in the LUT layout (ternary.h).
+struct LutWeights {
+  size_t N = 0, J = 0, G = 0;
+  std::vector<uint32_t> w;  // G·J·16 words
+  bool bad = false;         // an invalid code anywhere in W (reported by every Run)
+};
+
+// Largest M for which the LUT path is used (it costs one full pass over W per row of A).
+constexpr size_t kLutMaxM = 4;
+
+// Repacks 2-bit rows (N × Kb2 bytes, K trits each). Flags a code 11 anywhere, padding included.
+void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L) {
+  L.N = N;
+  L.J = lut_cols(K);
+  L.G = (N + kLutRows - 1) / kLutRows;
+  L.w.assign(L.G * L.J * kLutRows, 0);
+  unsigned bad = 0;
+  for (size_t n = 0; n < L.G * kLutRows; ++n) {
+    const uint8_t* row = w2 + n * Kb2;
+    if (n < N)
+      for (size_t b = 0; b < Kb2; ++b) bad |= row[b] & (row[b] >> 1) & 0x55u;
+    for (size_t j = 0; j < L.J; ++j) {
+      uint32_t word = 0;
+      for (size_t s = 0; s < 6; ++s) {
+        uint32_t idx = 0;
+        for (size_t c = 3; c-- > 0;) {
+          const size_t k = kLutK * j + 3 * s + c;
+          const unsigned code = n < N && k < K ? (row[k >> 2] >> (2 * (k & 3))) & 3u : 0u;
+          idx = 3 * idx + (code == 1 ? 2 : code == 2 ? 0 : 1);  // digit t + 1 (code 11 is flagged above)
+        }
+        word |= idx << (5 * s);
+      }
+      L.w[(n / kLutRows * L.J + j) * kLutRows + n % kLutRows] = word;
+    }
+  }
+  L.bad = bad != 0;
+}
+
 struct Kernel {
   const OrtApi* api;
   int64_t K;
   bool base3;
   bool act_quant;
   Kernels kern;
+  std::unique_ptr<LutWeights> lut;  // constant W in the LUT layout, when the variant has a LUT path
 
   void compute(OrtKernelContext* ctx) const;
 };
@@ -79,7 +120,27 @@ Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
     throw OpError("attribute packing must be \"2bit\" or \"base3\", got \"" + packing + "\"");
   const int64_t aq = attr_int(api, info, "act_quant", 0);
   if (aq != 0 && aq != 1) throw OpError("attribute act_quant must be 0 or 1, got " + std::to_string(aq));
-  return new Kernel{api, K, packing == "base3", aq == 1, kernels_for(select_variant())};
+  std::unique_ptr<Kernel> kernel(new Kernel{api, K, packing == "base3", aq == 1, kernels_for(select_variant()), nullptr});
+  // Constant, well-formed W (anything else is reported by compute): repack once for the LUT path.
+  const Tensor W = constant_input(api, info, 1);
+  const int64_t Kb = packing == "base3" ? (K + 4) / 5 : (K + 3) / 4;
+  if (kernel->kern.lut && aq == 0 && W.present && W.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 &&
+      W.shape.size() == 2 && W.shape[0] >= 1 && W.shape[1] == Kb) {
+    const size_t N = static_cast<size_t>(W.shape[0]), k = static_cast<size_t>(K), Kb2 = (k + 3) / 4;
+    const uint8_t* w2 = static_cast<const uint8_t*>(W.data);
+    std::vector<uint8_t> rows;
+    bool bad3 = false;
+    if (packing == "base3") {
+      rows.resize(N * Kb2);
+      for (size_t n = 0; n < N; ++n)
+        if (!base3_to_2bit(w2 + n * Kb, static_cast<size_t>(Kb), &rows[n * Kb2], Kb2)) bad3 = true;
+      w2 = rows.data();
+    }
+    kernel->lut.reset(new LutWeights);
+    lut_repack(w2, N, Kb2, k, *kernel->lut);
+    kernel->lut->bad |= bad3;
+  }
+  return kernel.release();
 }
 
 void Kernel::compute(OrtKernelContext* ctx) const {
@@ -108,6 +169,36 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   const float* a = static_cast<const float*>(A.data);
   const float* sc = static_cast<const float*>(scale.data);
   std::atomic<bool> bad{false};
+  const char* bad_msg = base3 ? "input W_packed contains an invalid base3 byte (> 242)"
+                              : "input W_packed contains an invalid 2-bit trit code (11)";
+
+  // Small M, constant W: table lookups on the repacked weights (exact fp32).
+  if (lut && !act_quant && M <= kLutMaxM) {
+    if (lut->bad) throw OpError(bad_msg);
+    if (M == 0) return;
+    const size_t J = lut->J, tf = 6 * J * 32;
+    // Per-thread scratch reused across calls (a fresh 175 KB block per call would be mmap'ed and
+    // page-faulted every time). Only this thread writes it; the tasks below only read it.
+    thread_local std::vector<float> scratch;
+    const size_t need = M * tf + kLutK * J + 16;
+    if (scratch.size() < need) scratch.assign(need, 0.f);
+    float* tabs = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) % 16) % 16;
+    float* xa = tabs + M * tf;
+    for (size_t m = 0; m < M; ++m) {
+      std::copy(a + m * k, a + (m + 1) * k, xa);
+      std::fill(xa + k, xa + kLutK * J, 0.f);
+      kern.lut_tables(xa, J, tabs + m * tf);
+    }
+    // Tasks of whole blocks of 4 row groups; ≥ 16 groups (256 rows) a task so that each K block of
+    // tables is reused from L1 by several blocks, and at most ~64 tasks.
+    const size_t G = lut->G, gpt = std::max<size_t>(16, ((G + 63) / 64 + 3) / 4 * 4), tasks = (G + gpt - 1) / gpt;
+    auto task = [&](size_t t) {
+      const size_t g0 = t * gpt, g1 = std::min(G, g0 + gpt);
+      for (size_t m = 0; m < M; ++m) kern.lut(tabs + m * tf, J, lut->w.data(), g0, g1, sc, N, Y + m * N);
+    };
+    parallel_for(api, ctx, tasks, task);
+    return;
+  }
 
   // Weights as 2-bit rows. base3 is a storage format: re-pack it once per call.
   const uint8_t* w2 = static_cast<const uint8_t*>(W.data);
@@ -164,7 +255,8 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     // Tiles of up to 64 rows of A × NB rows of W; NB keeps a tile ≥ ~64K MACs and gives ≤ ~64 column tiles.
     const size_t MB = std::min<size_t>(M, 64);
     const size_t min_nb = (65536 / (MB * Kp) + 7) / 8 * 8;
-    const size_t NB = std::max<size_t>({8, min_nb, (N + 63) / 64});
+    size_t NB = std::max<size_t>({8, min_nb, (N + 63) / 64});
+    if (!act_quant && M >= 3) NB = (NB + 31) / 32 * 32;  // whole 32-row panels for the fp32 GEMM kernels
     const size_t mt = (M + MB - 1) / MB, nt = (N + NB - 1) / NB;
     auto task = [&](size_t t) {
       const size_t m0 = t / nt * MB, n0 = t % nt * NB;
@@ -181,9 +273,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     for (size_t i = 0; i < N * Kb2; ++i) acc |= p[i] & (p[i] >> 1) & 0x55u;
     bad = acc != 0;
   }
-  if (bad)
-    throw OpError(base3 ? "input W_packed contains an invalid base3 byte (> 242)"
-                        : "input W_packed contains an invalid 2-bit trit code (11)");
+  if (bad) throw OpError(bad_msg);
   if (act_quant)
     for (size_t m = 0; m < M; ++m)
       if (qscale[m] == 0.f) std::fill(Y + m * N, Y + (m + 1) * N, 0.f);

@@ -45,5 +45,31 @@ bool i8_scalar(const int8_t* Q, const float* qscale, const int32_t*, size_t M, s
   return bad != 0;
 }
 
+// Reference of the LUT layout (ternary.h): table i of a triple is Σ_c t_c·a_c with
+// t_c = (i / 3^c) % 3 − 1, zero trits skipped.
+void lut_tables_scalar(const float* a, size_t J, float* tab) {
+  for (size_t tr = 0; tr < 6 * J; ++tr, tab += 32) {
+    const float* x = a + 3 * tr;
+    for (int i = 0; i < 32; ++i) {
+      float e = 0.f;
+      for (int c = 0, d = i; c < 3 && i < 27; ++c, d /= 3) e = d % 3 == 2 ? e + x[c] : d % 3 == 0 ? e - x[c] : e;
+      tab[i] = e;
+    }
+  }
+}
+
+void lut_scalar(const float* tab, size_t J, const uint32_t* Wl, size_t g0, size_t g1, const float* scale, size_t N,
+                float* Y) {
+  for (size_t g = g0; g < g1; ++g)
+    for (size_t r = 0; r < kLutRows && g * kLutRows + r < N; ++r) {
+      float acc = 0.f;
+      for (size_t j = 0; j < J; ++j) {
+        const uint32_t w = Wl[(g * J + j) * kLutRows + r];
+        for (size_t s = 0; s < 6; ++s) acc += tab[(6 * j + s) * 32 + ((w >> (5 * s)) & 31u)];
+      }
+      Y[g * kLutRows + r] = scale[g * kLutRows + r] * acc;
+    }
+}
+
 }  // namespace ternary
 }  // namespace bmoe
