@@ -100,7 +100,11 @@ class ButterflyRotation(nn.Module):
             if self.n_experts != 1:
                 raise ValueError("expert_index is required when the bank holds more than one expert")
         else:
-            c, s = c[expert_index], s[expert_index]
+            # F.embedding gathers the same rows as c[expert_index], but its backward is a segmented sum:
+            # advanced indexing's backward is very slow on CUDA with many repeated indices (pytorch#41162)
+            e = c.shape[0]
+            c = torch.nn.functional.embedding(expert_index, c.reshape(e, -1)).reshape(-1, *c.shape[1:])
+            s = torch.nn.functional.embedding(expert_index, s.reshape(e, -1)).reshape(-1, *s.shape[1:])
         return butterfly_apply(x, c, s, transpose)
 
     @torch.no_grad()
