@@ -52,7 +52,8 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
 @click.option("--backend", type=click.Choice(["auto", "ort", "numba"]), default="auto", show_default=True,
               help="auto: ONNX Runtime with the C++ ops when built, else the Numba reference runtime.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
+              help="Sampling temperature (seeded, so runs repeat); 0 = greedy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="Write the run's report here.")
 @click.option("--device", help="Plan for this device (bmoe devices lists them; or a .toml profile); "
