@@ -16,13 +16,7 @@ from pathlib import Path
 
 from .errors import BmoeError
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10: the same parser as the tomli package
-    try:
-        import tomli as tomllib
-    except ImportError:
-        tomllib = None
+import tomllib
 
 ALIASES = {"jetson": "jetson-orin-nano",  # the current Jetson; the original Nano is end-of-life
            "rpi": "rpi5"}
@@ -125,8 +119,6 @@ def validate(data: dict, name: str, where: str) -> Device:
 
 def load_profile(path: str | Path) -> Device:
     p = Path(path)
-    if tomllib is None:
-        raise BmoeError("reading device profiles needs Python 3.11+ (tomllib) or the tomli package")
     if not p.is_file():
         raise BmoeError(f"device profile not found: {p}")
     try:
