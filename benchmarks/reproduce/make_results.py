@@ -5,7 +5,8 @@
 
 Expert memory is bmoe_runtime.memory.model_memory's count (1.58-bit trits + fp32 row scales,
 fp16 angles, dense experts fp32), summed over the 4 layers; the column for sizes measured from
-exported files is left for the lead to fill.
+exported files comes from docs/memory.json (benchmarks/memory_files.py: one exported layer at
+d 512, d_ff 2048, 2-bit trits + fp16 angles, bytes read from the files) times the layer count.
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ BEGIN, END = "<!-- tables:begin (make_results.py) -->", "<!-- tables:end -->"
 MIB = 2**20
 LABEL = {"dense": "dense MoE (fp32)", "ternary": "ternary MoE (1.58-bit)", "static": "static butterfly (frozen)",
          "butterfly": "ButterflyMoE"}
+
+
+MEASURED = ROOT / "docs/memory.json"
+
+
+def measured_from_files(c: dict) -> str:
+    """Expert bytes of the exported files (bmoe-export defaults: 2-bit trits, fp16 angles), all layers."""
+    if c["variant"] in ("butterfly", "static"):
+        per_layer = {r["N"]: r["expert_bytes"] for r in json.loads(MEASURED.read_text())
+                     if r["packing"] == "2bit" and r["angles"] == "fp16"}
+        if c["d_model"] != 512 or c["d_ff"] != 2048 or c["n_experts"] not in per_layer:
+            return "—"
+        return f"{c['n_layers'] * per_layer[c['n_experts']] / MIB:.3f} MiB"
+    # dense and ternary experts export as one fp32 table per layer (no packed per-expert ternary op in v1)
+    fp32 = c["n_layers"] * c["n_experts"] * c["d_ff"] * c["d_model"] * 4
+    return f"{fp32 / MIB:.3f} MiB{' (fp32 table)' if c['variant'] == 'ternary' else ''}"
 
 
 def _wt_rows(runs: dict) -> list[tuple[str, dict]]:
@@ -53,7 +70,7 @@ def tables(data: dict) -> str:
         dense = dense_at.get(c["n_experts"], c["n_layers"] * c["n_experts"] * c["d_ff"] * c["d_model"] * 4)
         ratio = dense / eb if c["n_experts"] > 1 else None
         out.append(f"| {_name(v)} | {m['valid']['ppl']:.2f} | {m['test']['ppl']:.2f} | {m['valid']['word_ppl']:.1f} | "
-                   f"{m['test']['word_ppl']:.1f} | {eb / MIB:.3f} MiB | — | "
+                   f"{m['test']['word_ppl']:.1f} | {eb / MIB:.3f} MiB | {measured_from_files(c)} | "
                    f"{'—' if ratio is None else f'{ratio:.1f}×'} | {m['train_tokens'] / 1e6:.2f}M | "
                    f"{m['train_seconds']:.0f} | {call_of.get(k, '?')} |")
     out += ["", "Expert memory: all 4 layers' expert banks (the `paper` form's shared fp32 output projection, "
