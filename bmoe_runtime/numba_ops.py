@@ -2,9 +2,17 @@
 
 Readable first, parallel over rows/columns where it pays. Every input is validated as
 the spec lists; violations raise OpError, never an out-of-bounds read.
+
+ButterflyRotate's streamed form (docs/ops.md) reads each expert's angles from a file on
+demand into a bounded LRU (AngleStream); its counters are angle_cache_stats().
 """
 
 from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections import OrderedDict
 
 import numpy as np
 from numba import njit, prange
@@ -137,21 +145,17 @@ def _active(d: int) -> np.ndarray:
     return np.stack([((((k >> s) << (s + 1)) | (k & ((1 << s) - 1))) + (1 << s)) < d for s in range(s_count)])
 
 
-def butterfly_rotate(x: np.ndarray, angles: np.ndarray, expert_index: np.ndarray | None = None,
-                     angle_scale: np.ndarray | None = None, transpose: int = 0) -> np.ndarray:
-    x, angles = np.asarray(x), np.asarray(angles)
+def _check_x(x: np.ndarray, transpose: int) -> tuple[int, int, int, int]:
     if transpose not in (0, 1):
         raise OpError(f"ButterflyRotate: transpose must be 0 or 1, got {transpose}")
     if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] < 2:
         raise OpError(f"ButterflyRotate: X must be 2-D float32 with D ≥ 2, got {x.dtype} {x.shape}")
     m, d = x.shape
     p = 1 << (d - 1).bit_length()
-    s_count = p.bit_length() - 1
-    if angles.dtype not in (np.float32, np.float16, np.int8) or angles.ndim != 3:
-        raise OpError(f"ButterflyRotate: angles must be 3-D float32/float16/int8, got {angles.dtype} {angles.shape}")
-    e_count = angles.shape[0]
-    if e_count < 1 or angles.shape[1:] != (s_count, p // 2):
-        raise OpError(f"ButterflyRotate: angles shape {angles.shape} does not fit D={d}: expected [E≥1, {s_count}, {p // 2}]")
+    return m, d, p, p.bit_length() - 1
+
+
+def _check_index_scale(m: int, e_count: int, dtype, expert_index, angle_scale):
     if expert_index is None:
         if e_count != 1:
             raise OpError(f"ButterflyRotate: expert_index omitted but angles hold {e_count} experts")
@@ -163,7 +167,7 @@ def butterfly_rotate(x: np.ndarray, angles: np.ndarray, expert_index: np.ndarray
     if out_of_range.any():
         r = int(np.argmax(out_of_range))
         raise OpError(f"ButterflyRotate: expert_index[{r}] = {int(expert_index[r])} is out of range [0, {e_count})")
-    if angles.dtype == np.int8:
+    if dtype == np.int8:
         if angle_scale is None:
             raise OpError("ButterflyRotate: int8 angles need angle_scale")
         angle_scale = np.asarray(angle_scale)
@@ -171,6 +175,19 @@ def butterfly_rotate(x: np.ndarray, angles: np.ndarray, expert_index: np.ndarray
             raise OpError(f"ButterflyRotate: angle_scale must be float32 [{e_count}], got {angle_scale.dtype} {angle_scale.shape}")
     elif angle_scale is not None:
         raise OpError("ButterflyRotate: angle_scale is only allowed with int8 angles")
+    return expert_index, angle_scale
+
+
+def butterfly_rotate(x: np.ndarray, angles: np.ndarray, expert_index: np.ndarray | None = None,
+                     angle_scale: np.ndarray | None = None, transpose: int = 0) -> np.ndarray:
+    x, angles = np.asarray(x), np.asarray(angles)
+    m, d, p, s_count = _check_x(x, transpose)
+    if angles.dtype not in (np.float32, np.float16, np.int8) or angles.ndim != 3:
+        raise OpError(f"ButterflyRotate: angles must be 3-D float32/float16/int8, got {angles.dtype} {angles.shape}")
+    e_count = angles.shape[0]
+    if e_count < 1 or angles.shape[1:] != (s_count, p // 2):
+        raise OpError(f"ButterflyRotate: angles shape {angles.shape} does not fit D={d}: expected [E≥1, {s_count}, {p // 2}]")
+    expert_index, angle_scale = _check_index_scale(m, e_count, angles.dtype, expert_index, angle_scale)
     # cos/sin once per expert that this call uses
     used, row_table = np.unique(expert_index, return_inverse=True)
     theta = angles[used].astype(np.float32)
@@ -181,3 +198,141 @@ def butterfly_rotate(x: np.ndarray, angles: np.ndarray, expert_index: np.ndarray
     sin_t = np.where(active, np.sin(theta), np.float32(0)).astype(np.float32)
     kernel = _rotate_kernels[m * p * s_count >= PARALLEL_MIN_WORK]
     return kernel(np.ascontiguousarray(x), cos_t, sin_t, row_table.astype(np.int64), bool(transpose))
+
+
+# ------------------------------------------------------------------ streamed angles
+
+ANGLE_DTYPES = {1: np.dtype(np.float32), 10: np.dtype(np.float16), 3: np.dtype(np.int8)}  # ONNX TensorProto codes
+_stats = {"hits": 0, "misses": 0, "bytes_read": 0}
+_stats_lock = threading.Lock()
+
+
+def angle_cache_stats() -> dict[str, int]:
+    """Totals over every AngleStream of the process: (call, expert) look-ups hit/missed, angle bytes read."""
+    with _stats_lock:
+        return dict(_stats)
+
+
+def angle_cache_reset() -> None:
+    with _stats_lock:
+        for k in _stats:
+            _stats[k] = 0
+
+
+def _count(**kw: int) -> None:
+    with _stats_lock:
+        for k, v in kw.items():
+            _stats[k] += v
+
+
+class AngleStream:
+    """The streamed angles of one ButterflyRotate node: expert e's slice [S, P/2] of an
+    [E, S, P/2] table at `offset` in `path`, read with os.pread on a miss into an LRU of
+    at most `slots` experts' cos/sin tables. Thread-safe; the file is opened once."""
+
+    def __init__(self, path: str, offset: int, experts: int, dtype_code: int, slots: int):
+        if offset is None or offset < 0:
+            raise OpError(f"ButterflyRotate: attribute angle_offset must be ≥ 0, got {offset}")
+        if experts is None or experts < 1:
+            raise OpError("ButterflyRotate: attribute angle_experts is required with angle_file and must be ≥ 1")
+        if dtype_code not in ANGLE_DTYPES:
+            raise OpError(f"ButterflyRotate: attribute angle_dtype must be 1 (float32), 10 (float16) or 3 (int8), "
+                          f"got {dtype_code}")
+        if slots is None or slots < 1:
+            raise OpError("ButterflyRotate: attribute cache_slots is required with angle_file and must be ≥ 1")
+        self.path, self.offset, self.experts, self.slots = path, int(offset), int(experts), int(slots)
+        self.dtype = ANGLE_DTYPES[dtype_code]
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise OpError(f"ButterflyRotate: cannot open angle_file '{path}': {exc.strerror}") from None
+        weakref.finalize(self, os.close, self.fd)
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[int, tuple[float, np.ndarray, np.ndarray]] = OrderedDict()  # e → (scale, cos, sin)
+        self._stages = 0
+
+    def _read(self, e: int, nbytes: int) -> bytes:
+        start = self.offset + e * nbytes
+        parts, done = [], 0
+        while done < nbytes:
+            try:
+                chunk = os.pread(self.fd, nbytes - done, start + done)  # retries EINTR itself (PEP 475)
+            except OSError as exc:
+                raise OpError(f"ButterflyRotate: cannot read angle_file '{self.path}' for expert {e}: "
+                              f"{exc.strerror}") from None
+            if not chunk:
+                raise OpError(f"ButterflyRotate: angle_file '{self.path}' is truncated: expert {e} needs bytes "
+                              f"[{start}, {start + nbytes}), the file ends at {start + done}")
+            parts.append(chunk)
+            done += len(chunk)
+        return b"".join(parts)
+
+    def lookup(self, e: int, s_count: int, scale: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Cached cos, sin of expert e (made most recent, a hit), or None (a miss)."""
+        with self._lock:
+            if s_count != self._stages:  # another D: the file holds other tables
+                self._lru.clear()
+                self._stages = s_count
+            hit = self._lru.get(e)
+            if hit is None or hit[0] != scale:
+                return None
+            self._lru.move_to_end(e)
+            _count(hits=1)
+            return hit[1], hit[2]
+
+    def load(self, e: int, d: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """Read expert e's slice and build its cos, sin [S, P/2] for width d (inactive pairs: 1, 0)."""
+        p = 1 << (d - 1).bit_length()
+        s_count = p.bit_length() - 1
+        nbytes = s_count * (p // 2) * self.dtype.itemsize
+        theta = np.frombuffer(self._read(e, nbytes), self.dtype).reshape(s_count, p // 2).astype(np.float32)
+        if self.dtype == np.int8:
+            theta *= np.float32(scale)
+        active = _active(d)
+        cos_t = np.where(active, np.cos(theta), np.float32(1)).astype(np.float32)
+        sin_t = np.where(active, np.sin(theta), np.float32(0)).astype(np.float32)
+        _count(misses=1, bytes_read=nbytes)
+        return cos_t, sin_t
+
+    def insert(self, e: int, s_count: int, scale: float, tabs: tuple[np.ndarray, np.ndarray]) -> None:
+        with self._lock:
+            if s_count == self._stages:
+                self._lru[e] = (scale, *tabs)
+                self._lru.move_to_end(e)
+                while len(self._lru) > self.slots:
+                    self._lru.popitem(last=False)  # callers keep their own references
+
+    def group(self, experts: list[int], d: int, scales: list[float]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Tables of ≤ slots experts: hits first (made most recent), then the misses read and
+        inserted in order, so no expert of the group evicts another (as the C++ kernel)."""
+        s_count = (1 << (d - 1).bit_length()).bit_length() - 1
+        tabs = [self.lookup(e, s_count, sc) for e, sc in zip(experts, scales)]
+        for i, (e, sc) in enumerate(zip(experts, scales)):
+            if tabs[i] is None:
+                tabs[i] = self.load(e, d, sc)
+                self.insert(e, s_count, sc, tabs[i])
+        return tabs
+
+
+def butterfly_rotate_streamed(x: np.ndarray, stream: AngleStream, expert_index: np.ndarray | None = None,
+                              angle_scale: np.ndarray | None = None, transpose: int = 0) -> np.ndarray:
+    """ButterflyRotate with angles streamed from `stream`: same result as the resident op.
+    Rows are processed grouped by expert, at most stream.slots experts at a time."""
+    x = np.asarray(x)
+    m, d, p, s_count = _check_x(x, transpose)
+    expert_index, angle_scale = _check_index_scale(m, stream.experts, stream.dtype, expert_index, angle_scale)
+    used, row_table = np.unique(expert_index, return_inverse=True)
+    row_table = row_table.reshape(-1).astype(np.int64)
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    for g0 in range(0, len(used), stream.slots):
+        group = used[g0:g0 + stream.slots]
+        scales = [float(angle_scale[e]) if angle_scale is not None else 1.0 for e in group]
+        tabs = stream.group([int(e) for e in group], d, scales)
+        cos_t = np.stack([c for c, _ in tabs])
+        sin_t = np.stack([s for _, s in tabs])
+        rows = np.flatnonzero((row_table >= g0) & (row_table < g0 + len(group)))
+        xr = x if len(rows) == m else np.ascontiguousarray(x[rows])
+        kernel = _rotate_kernels[len(rows) * p * s_count >= PARALLEL_MIN_WORK]
+        y[rows] = kernel(xr, cos_t, sin_t, row_table[rows] - g0, bool(transpose))
+    return y

@@ -16,17 +16,27 @@ def _attr(name: str, value, doc: str) -> OpSchema.Attribute:
     return OpSchema.Attribute(name, onnx.helper.make_attribute(name, value), doc)
 
 
+def _opt(name: str, kind, doc: str) -> OpSchema.Attribute:
+    return OpSchema.Attribute(name, kind, doc, required=False)
+
+
 def _schemas() -> list[OpSchema]:
     rotate = OpSchema(
         "ButterflyRotate", DOMAIN, VERSION,
         doc="Per-row butterfly rotation B(θ_e) x (or Bᵀ x); see docs/ops.md.",
-        inputs=[_FP("X", "T"), _FP("angles", "TA"),
+        inputs=[_FP("X", "T"), _FP("angles", "TA", param_option=_OPTIONAL),  # omitted in the streamed form
                 _FP("expert_index", "tensor(int64)", param_option=_OPTIONAL),
                 _FP("angle_scale", "tensor(float)", param_option=_OPTIONAL)],
         outputs=[_FP("Y", "T")],
         type_constraints=[("T", ["tensor(float)"], "activations"),
                           ("TA", ["tensor(float)", "tensor(float16)", "tensor(int8)"], "angles")],
-        attributes=[_attr("transpose", 0, "0: B, 1: Bᵀ")])
+        attributes=[_attr("transpose", 0, "0: B, 1: Bᵀ"),
+                    # streamed form: angles read per expert from a file into a cache
+                    _opt("angle_file", OpSchema.AttrType.STRING, "file holding the [E, S, P/2] angle table"),
+                    _opt("angle_offset", OpSchema.AttrType.INT, "byte offset of expert 0's slice"),
+                    _opt("angle_experts", OpSchema.AttrType.INT, "E"),
+                    _opt("angle_dtype", OpSchema.AttrType.INT, "TensorProto code: 1 float, 10 float16, 3 int8"),
+                    _opt("cache_slots", OpSchema.AttrType.INT, "experts' tables kept, ≥ 1")])
     matmul = OpSchema(
         "TernaryMatMul", DOMAIN, VERSION,
         doc="A · (scale ⊙ T)ᵀ with packed trits T; see docs/ops.md.",

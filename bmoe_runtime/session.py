@@ -4,7 +4,8 @@
   numba  onnx's ReferenceEvaluator for standard ops + numba_ops for ai.bmoe: the readable
          reference, and the fallback where the C++ library is not available
 
-The manifest's checksums are verified before any weights are loaded.
+The manifest's checksums are verified before any weights are loaded. With
+angle_cache_slots, experts' angles are streamed from angles.bin (streaming.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,23 @@ def _reference_ops():
     class ButterflyRotate(OpRun):
         op_domain = op_schemas.DOMAIN
 
-        def _run(self, x, angles, expert_index=None, angle_scale=None, transpose=0):
+        def __init__(self, onnx_node, run_params, schema=None):
+            super().__init__(onnx_node, run_params, schema)
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in onnx_node.attribute}
+            self._stream = None
+            if attrs.get("angle_file"):  # streamed form: the file is opened once, with the node
+                self._stream = numba_ops.AngleStream(
+                    attrs["angle_file"].decode(), attrs.get("angle_offset", 0), attrs.get("angle_experts"),
+                    attrs.get("angle_dtype"), attrs.get("cache_slots"))
+
+        def _run(self, x, angles=None, expert_index=None, angle_scale=None, transpose=0, **streamed):
+            if self._stream is not None:
+                if angles is not None:
+                    raise numba_ops.OpError("ButterflyRotate: input angles must be omitted when angle_file is set")
+                return (numba_ops.butterfly_rotate_streamed(x, self._stream, expert_index, angle_scale,
+                                                            int(transpose)),)
+            if angles is None:
+                raise numba_ops.OpError("ButterflyRotate: input angles is required (or the attribute angle_file)")
             return (numba_ops.butterfly_rotate(x, angles, expert_index, angle_scale, int(transpose)),)
 
     class TernaryMatMul(OpRun):
@@ -45,7 +62,8 @@ def _reference_ops():
 class ModelSession:
     """A loaded exported model. `run` is safe to call from several threads."""
 
-    def __init__(self, model_dir: str | Path, backend: str = "ort", threads: int | None = None, verify: bool = True):
+    def __init__(self, model_dir: str | Path, backend: str = "ort", threads: int | None = None, verify: bool = True,
+                 angle_cache_slots: int | dict[str, int | None] | None = None):
         if backend not in BACKENDS:
             raise BmoeError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.dir = Path(model_dir)
@@ -58,13 +76,18 @@ class ModelSession:
             raise BmoeError(f"{path} is not a readable ONNX model: {exc}") from None
         self.inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
         self.output_names = [o.name for o in proto.graph.output]
+        streamed = None
+        if angle_cache_slots is not None:  # angles streamed: the rewritten graph, without their initializers
+            from .streaming import stream_angles
+
+            streamed = stream_angles(proto, self.dir, self.manifest, angle_cache_slots)
         if backend == "ort":
-            self._impl, self._lock = self._ort_session(path, threads), None
+            self._impl, self._lock = self._ort_session(path, threads, streamed), None
         else:
-            self._impl, self._lock = self._reference_session(path, threads), threading.Lock()
+            self._impl, self._lock = self._reference_session(path, threads, streamed), threading.Lock()
 
     @staticmethod
-    def _ort_session(path: str, threads: int | None):
+    def _ort_session(path: str, threads: int | None, model: onnx.ModelProto | None = None):
         import onnxruntime as ort
 
         from . import ort_ops
@@ -74,13 +97,17 @@ class ModelSession:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if model is not None:  # from bytes: external data is found relative to the model's directory
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(Path(path).parent))
         try:
-            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            source = path if model is None else model.SerializeToString()
+            return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT reports a bad model as a generic exception type
             raise BmoeError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
 
     @staticmethod
-    def _reference_session(path: str, threads: int | None):
+    def _reference_session(path: str, threads: int | None, model: onnx.ModelProto | None = None):
         from onnx.reference import ReferenceEvaluator
 
         if threads:
@@ -89,11 +116,19 @@ class ModelSession:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         op_schemas.register()
         try:
-            model = onnx.load(path)  # with external data
+            if model is None:
+                model = onnx.load(path)  # with external data
+            else:
+                from onnx.external_data_helper import load_external_data_for_model
+
+                load_external_data_for_model(model, str(Path(path).parent))
             onnx.checker.check_model(model)
         except Exception as exc:
             raise BmoeError(f"{path} cannot be loaded: {str(exc).splitlines()[0][:300]}") from None
-        return ReferenceEvaluator(model, new_ops=_reference_ops())
+        try:
+            return ReferenceEvaluator(model, new_ops=_reference_ops())
+        except numba_ops.OpError as exc:  # a streamed node's angle_file cannot be opened
+            raise BmoeError(str(exc)) from None
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         """Names, dtypes and ranks against the graph's inputs, before anything runs."""

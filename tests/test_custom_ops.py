@@ -121,6 +121,40 @@ def test_ternary_matmul(variant, packing, act_quant):
             assert np.all(np.abs(y - ref) <= tol), f"{(m, k, n)} max err {np.abs(y - ref).max()}"
 
 
+# Shapes that reach each fp32 path: M ≤ 4 with a constant W uses the repacked lookup-table
+# path (K blocks of 576, 16-row groups, 1024-row task blocks), M ≥ 3 the GEMM micro-kernel
+# (32-row panels, 128-trit K blocks, 8-row A blocks), both with ragged edges.
+TMM_KERNEL_SHAPES = [(1, 1, 1), (1, 17, 15), (2, 19, 17), (4, 599, 33), (1, 1300, 1030), (3, 130, 31),
+                     (8, 131, 32), (12, 257, 65), (21, 700, 97), (4, 3, 2)]
+
+
+@pytest.mark.parametrize("packing", ["2bit", "base3"])
+@pytest.mark.parametrize("const_w", [False, True])
+def test_ternary_matmul_fp32_kernels(variant, packing, const_w):
+    rng = np.random.default_rng(11)
+    for m, k, n in TMM_KERNEL_SHAPES:
+        a, w, s = tmm_case(rng, m, k, n, packing)
+        y = run("TernaryMatMul", {"A": a, "W": w, "s": s}, const=("W",) if const_w else (), K=k, packing=packing)
+        ref = ternary_matmul(a, w, s, k, packing, 0)
+        tol = 1e-5 * (1 + np.abs(a).sum(1, keepdims=True)) * np.abs(s)
+        assert np.all(np.abs(y - ref) <= tol), f"{(m, k, n)} max err {np.abs(y - ref).max()}"
+
+
+@pytest.mark.parametrize("packing", ["2bit", "base3"])
+@pytest.mark.parametrize("m", [0, 1, 4, 9])
+def test_ternary_matmul_invalid_code_in_constant_w(variant, packing, m):
+    w = _bad_code(packing)
+    inputs = {"A": np.ones((m, 10), np.float32), "W": w, "s": np.ones(4, np.float32)}
+    with pytest.raises(Exception, match="invalid 2-bit trit code" if packing == "2bit" else "invalid base3 byte"):
+        run("TernaryMatMul", inputs, const=("W",), K=10, packing=packing)
+    # a code 11 in the padding slots of a row's last byte is reported too
+    if packing == "2bit":
+        w = pack_trits(np.zeros((4, 10), np.int8))
+        w[3, -1] = 0b11 << 6
+        with pytest.raises(Exception, match="invalid 2-bit trit code"):
+            run("TernaryMatMul", {**inputs, "W": w}, const=("W",), K=10)
+
+
 def test_ternary_matmul_default_packing_is_2bit():
     rng = np.random.default_rng(2)
     a, w, s = tmm_case(rng, 4, 37, 5, "2bit")
@@ -309,3 +343,161 @@ def test_library_path_env_override(monkeypatch, tmp_path):
     assert ort_ops.library_path() is None and not ort_ops.available()
     with pytest.raises(RuntimeError, match="libbmoe_ops.so not found"):
         ort_ops.register(ort.SessionOptions())
+
+
+# ------------------------------------------------- ButterflyRotate, streamed form
+
+_ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
+
+
+def streamed_session(path, angles, offset, slots, scale=None, threads=1, transpose=0, **extra):
+    """One streamed ButterflyRotate reading `angles` [E, S, P/2] at `offset` of `path`."""
+    inits = [numpy_helper.from_array(scale, "scale")] if scale is not None else []
+    attrs = dict(angle_file=str(path), angle_offset=offset, angle_experts=angles.shape[0],
+                 angle_dtype=_ONNX_DTYPE[angles.dtype.name], cache_slots=slots, transpose=transpose)
+    attrs.update(extra)
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    inputs = {"X": np.zeros((1, 2), np.float32), "angles": None, "idx": np.zeros(1, np.int64),
+              "scale": scale}
+    return session(make_model("ButterflyRotate", inputs, initializers=inits, **attrs), threads)
+
+
+def write_angles(path, angles, pad=64):
+    """angles.bin-like file: `pad` junk bytes, then the table; returns the table's offset."""
+    path.write_bytes(b"\x7f" * pad + angles.tobytes() + b"\x7f" * 16)
+    return pad
+
+
+def cache_stats():
+    import ctypes
+    lib = ctypes.CDLL(str(ort_ops.library_path()))
+    v = [ctypes.c_uint64() for _ in range(3)]
+    lib.BmoeAngleCacheStats(*[ctypes.byref(x) for x in v])
+    return [x.value for x in v]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_butterfly_rotate_streamed(variant, dtype, tmp_path):
+    rng = np.random.default_rng(11)
+    for i, (m, d, e) in enumerate([(5, 3, 2), (6, 17, 4), (9, 100, 3), (33, 768, 5), (0, 40, 2), (4, 64, 1)]):
+        angles, scale = angles_of(rng, e, d, dtype)
+        offset = write_angles(tmp_path / f"a{i}.bin", angles)
+        for slots in sorted({1, 2, e}):
+            for transpose in (0, 1):
+                sess = streamed_session(tmp_path / f"a{i}.bin", angles, offset, slots, scale, threads=1 + i % 2,
+                                        transpose=transpose)
+                for _ in range(2):  # second call: from the cache (or re-read when C is small)
+                    x = rng.standard_normal((m, d)).astype(np.float32)
+                    idx = rng.integers(0, e, m).astype(np.int64)
+                    feeds = {"X": x, "idx": idx}
+                    y = sess.run(None, feeds)[0]
+                    ref = butterfly_rotate(x, angles, idx, scale, bool(transpose))
+                    tol = 1e-5 * (1 + np.abs(x).max(initial=0))
+                    assert y.shape == x.shape and np.abs(y - ref).max(initial=0) <= tol, (m, d, e, slots)
+                    resident = run("ButterflyRotate", {"X": x, "angles": angles, "idx": idx, "scale": scale},
+                                   const=("angles",) + (("scale",) if scale is not None else ()),
+                                   transpose=transpose)
+                    assert np.array_equal(y, resident)  # same tables, same kernel: bit-exact
+
+
+def test_streamed_counters(tmp_path):
+    rng = np.random.default_rng(12)
+    angles, _ = angles_of(rng, 4, 32, "float16")
+    offset = write_angles(tmp_path / "a.bin", angles)
+    slice_bytes = angles[0].nbytes
+    sess = streamed_session(tmp_path / "a.bin", angles, offset, 2)
+    x = np.ones((3, 32), np.float32)
+    lib_reset = __import__("ctypes").CDLL(str(ort_ops.library_path())).BmoeAngleCacheReset
+    lib_reset()
+    sess.run(None, {"X": x, "idx": np.array([0, 1, 0], np.int64)})  # 2 misses
+    sess.run(None, {"X": x, "idx": np.array([1, 0, 1], np.int64)})  # 2 hits
+    sess.run(None, {"X": x, "idx": np.array([2, 3, 0], np.int64)})  # in expert order: 0 hit, 2 and 3 miss
+    sess.run(None, {"X": x[:1], "idx": np.array([0], np.int64)})  # evicted by 3: miss
+    assert cache_stats() == [3, 5, 5 * slice_bytes]
+    lib_reset()
+    assert cache_stats() == [0, 0, 0]
+
+
+STREAM_ERRORS = [
+    (dict(cache_slots=0), "attribute cache_slots is required with angle_file and must be >= 1"),
+    (dict(cache_slots=None), "attribute cache_slots is required"),
+    (dict(angle_experts=None), "attribute angle_experts is required"),
+    (dict(angle_dtype=7), "attribute angle_dtype must be 1 \\(float32\\), 10 \\(float16\\) or 3 \\(int8\\), got 7"),
+    (dict(angle_offset=-1), "attribute angle_offset must be >= 0"),
+    (dict(angle_file="/nonexistent/angles.bin"), "cannot open angle_file '/nonexistent/angles.bin'"),
+]
+
+
+@pytest.mark.parametrize("attrs, msg", STREAM_ERRORS)
+def test_streamed_attribute_errors(tmp_path, attrs, msg):
+    rng = np.random.default_rng(13)
+    angles, _ = angles_of(rng, 3, 6, "float32")
+    offset = write_angles(tmp_path / "a.bin", angles)
+    with pytest.raises(Exception, match=f"ButterflyRotate: .*{msg}"):
+        streamed_session(tmp_path / "a.bin", angles, offset, 2, **attrs)
+
+
+def test_streamed_input_errors(tmp_path):
+    rng = np.random.default_rng(14)
+    angles, scale = angles_of(rng, 3, 6, "int8")
+    offset = write_angles(tmp_path / "a.bin", angles)
+    x = np.zeros((2, 6), np.float32)
+    with pytest.raises(Exception, match="angle_scale is required when angles is int8"):
+        streamed_session(tmp_path / "a.bin", angles, offset, 2).run(None, {"X": x, "idx": np.zeros(2, np.int64)})
+    sess = streamed_session(tmp_path / "a.bin", angles, offset, 2, scale)
+    with pytest.raises(Exception, match="expert_index\\[1\\] = 3 is out of range \\[0, 3\\)"):
+        sess.run(None, {"X": x, "idx": np.array([0, 3], np.int64)})
+    # angles given as well as angle_file
+    inputs = {"X": x, "angles": angles, "idx": np.zeros(2, np.int64), "scale": scale}
+    with pytest.raises(Exception, match="input angles must be omitted when angle_file is set"):
+        run("ButterflyRotate", inputs, angle_file=str(tmp_path / "a.bin"), angle_offset=offset, angle_experts=3,
+            angle_dtype=3, cache_slots=1)
+    with pytest.raises(Exception, match="attribute cache_slots is only allowed with angle_file"):
+        run("ButterflyRotate", inputs, cache_slots=1)
+    with pytest.raises(Exception, match="input angles is required"):
+        run("ButterflyRotate", {**inputs, "angles": None})
+
+
+def test_streamed_truncated_file_is_an_error_not_garbage(tmp_path):
+    rng = np.random.default_rng(15)
+    angles, _ = angles_of(rng, 4, 40, "float16")
+    path = tmp_path / "a.bin"
+    offset = write_angles(path, angles)
+    sess = streamed_session(path, angles, offset, 1)
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    sess.run(None, {"X": x, "idx": np.array([0, 1], np.int64)})
+    with open(path, "r+b") as f:  # cut into expert 2's slice
+        f.truncate(offset + angles[0].nbytes * 2 + 10)
+    for e in (2, 3):
+        with pytest.raises(Exception, match=f"angle_file '{path}' is truncated: expert {e} needs bytes"):
+            sess.run(None, {"X": x, "idx": np.array([0, e], np.int64)})
+    y = sess.run(None, {"X": x, "idx": np.array([1, 0], np.int64)})[0]  # intact experts still work
+    np.testing.assert_allclose(y, butterfly_rotate(x, angles, np.array([1, 0]), None), atol=1e-4)
+
+
+def test_streamed_concurrent_runs_with_one_slot(tmp_path):
+    """Four threads, C = 1, every call several experts: slots are evicted while other runs use them."""
+    rng = np.random.default_rng(16)
+    angles, scale = angles_of(rng, 6, 200, "int8")
+    offset = write_angles(tmp_path / "a.bin", angles)
+    sess = streamed_session(tmp_path / "a.bin", angles, offset, 1, scale, threads=2)
+    cases = []
+    for i in range(8):
+        x = rng.standard_normal((1 + 5 * i, 200)).astype(np.float32)
+        idx = rng.integers(0, 6, len(x)).astype(np.int64)
+        cases.append((x, idx, butterfly_rotate(x, angles, idx, scale)))
+    errors = []
+
+    def worker(t):
+        for r in range(20):
+            x, idx, ref = cases[(t + r) % len(cases)]
+            y = sess.run(None, {"X": x, "idx": idx})[0]
+            if not np.allclose(y, ref, atol=1e-4):
+                errors.append((t, r))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

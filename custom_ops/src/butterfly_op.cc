@@ -8,6 +8,11 @@
 // experts that call references: always correct whatever the inputs, and the
 // sin/cos cost (S·P/2 per expert) is no more than one row's worth of rotations
 // per referenced expert.
+//
+// Streamed form (attribute angle_file, input 1 omitted): the tables come from a
+// per-node AngleCache (angle_cache.h) of at most cache_slots experts, filled from
+// the file on demand. Rows are processed grouped by expert, at most cache_slots
+// experts at a time, so any C >= 1 works whatever a call references.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -15,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "angle_cache.h"
 #include "butterfly.h"
 #include "cpu.h"
 #include "op_def.h"
@@ -88,19 +94,61 @@ bool is_angle_type(ONNXTensorElementDataType t) {
          t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 }
 
+size_t angle_bytes(ONNXTensorElementDataType t) {
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? 2 : 1;
+}
+
 struct Kernel {
   const OrtApi* api;
   bool transpose;
   RotateFn rotate;
   std::vector<float> const_tables;  // E tables when angles are constant, else empty
+  std::unique_ptr<AngleCache> stream;  // streamed form, else null
+  ONNXTensorElementDataType stream_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 
   void compute(OrtKernelContext* ctx) const;
+  void compute_streamed(const float* x, float* Y, size_t M, size_t D, size_t S, const int64_t* idx,
+                        const Tensor& scale, OrtKernelContext* ctx) const;
 };
+
+constexpr const char* kStreamAttrs[] = {"angle_offset", "angle_experts", "angle_dtype", "cache_slots"};
+
+// Streamed form's attributes (docs/ops.md); nullptr if angle_file is absent.
+std::unique_ptr<AngleCache> open_stream(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorElementDataType* type) {
+  const std::string file = attr_string(api, info, "angle_file", "");
+  if (file.empty()) {
+    for (const char* a : kStreamAttrs) {
+      bool found = false;
+      attr_int(api, info, a, 0, &found);
+      if (found) throw OpError(std::string("attribute ") + a + " is only allowed with angle_file");
+    }
+    return nullptr;
+  }
+  bool has_e = false, has_t = false, has_c = false;
+  const int64_t offset = attr_int(api, info, "angle_offset", 0);
+  const int64_t E = attr_int(api, info, "angle_experts", 0, &has_e);
+  const int64_t dtype = attr_int(api, info, "angle_dtype", 0, &has_t);
+  const int64_t C = attr_int(api, info, "cache_slots", 0, &has_c);
+  if (offset < 0) throw OpError("attribute angle_offset must be >= 0, got " + std::to_string(offset));
+  if (!has_e || E < 1) throw OpError("attribute angle_experts is required with angle_file and must be >= 1");
+  if (!has_t) throw OpError("attribute angle_dtype is required with angle_file");
+  *type = static_cast<ONNXTensorElementDataType>(dtype);
+  if (!is_angle_type(*type))
+    throw OpError("attribute angle_dtype must be 1 (float32), 10 (float16) or 3 (int8), got " + std::to_string(dtype));
+  if (!has_c || C < 1) throw OpError("attribute cache_slots is required with angle_file and must be >= 1");
+  return std::unique_ptr<AngleCache>(new AngleCache(file, offset, static_cast<size_t>(E), angle_bytes(*type),
+                                                    static_cast<size_t>(C)));
+}
 
 Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
   const int64_t t = attr_int(api, info, "transpose", 0);
   if (t != 0 && t != 1) throw OpError("attribute transpose must be 0 or 1, got " + std::to_string(t));
-  std::unique_ptr<Kernel> k(new Kernel{api, t == 1, rotate_for(select_variant()), {}});
+  std::unique_ptr<Kernel> k(new Kernel{api, t == 1, rotate_for(select_variant()), {}, nullptr});
+  k->stream = open_stream(api, info, &k->stream_type);
+  if (k->stream) {
+    if (constant_input(api, info, 1).present) throw OpError("input angles must be omitted when angle_file is set");
+    return k.release();
+  }
   const Tensor angles = constant_input(api, info, 1), scale = constant_input(api, info, 3);
   // Precompute only for well-formed constants; anything else is reported by compute.
   if (angles.present && is_angle_type(angles.type) && angles.shape.size() == 3 && angles.shape[0] >= 1 &&
@@ -127,13 +175,23 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   while ((size_t{1} << S) < D) ++S;
   const size_t P = size_t{1} << S;
 
-  if (!is_angle_type(angles.type))
-    throw OpError(std::string("input angles must be float32, float16 or int8, got ") + type_name(angles.type));
-  if (angles.shape.size() != 3) throw OpError("input angles must have rank 3 [E, S, P/2], got shape " + shape_str(angles.shape));
-  if (angles.shape[0] < 1 || angles.shape[1] != static_cast<int64_t>(S) || angles.shape[2] != static_cast<int64_t>(P / 2))
-    throw OpError("input angles must have shape [E >= 1, " + std::to_string(S) + ", " + std::to_string(P / 2) +
-                  "] for D = " + std::to_string(D) + ", got " + shape_str(angles.shape));
-  const size_t E = static_cast<size_t>(angles.shape[0]);
+  size_t E;
+  ONNXTensorElementDataType angle_type;
+  if (stream) {
+    if (angles.present) throw OpError("input angles must be omitted when angle_file is set");
+    E = stream->experts();
+    angle_type = stream_type;
+  } else {
+    if (!angles.present) throw OpError("input angles is required (or the attribute angle_file)");
+    if (!is_angle_type(angles.type))
+      throw OpError(std::string("input angles must be float32, float16 or int8, got ") + type_name(angles.type));
+    if (angles.shape.size() != 3) throw OpError("input angles must have rank 3 [E, S, P/2], got shape " + shape_str(angles.shape));
+    if (angles.shape[0] < 1 || angles.shape[1] != static_cast<int64_t>(S) || angles.shape[2] != static_cast<int64_t>(P / 2))
+      throw OpError("input angles must have shape [E >= 1, " + std::to_string(S) + ", " + std::to_string(P / 2) +
+                    "] for D = " + std::to_string(D) + ", got " + shape_str(angles.shape));
+    E = static_cast<size_t>(angles.shape[0]);
+    angle_type = angles.type;
+  }
 
   const int64_t* idx = nullptr;
   if (index.present) {
@@ -150,18 +208,20 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     throw OpError("input expert_index is omitted but angles has E = " + std::to_string(E) + " experts (must be 1)");
   }
 
-  if (angles.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
+  if (angle_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
     if (!scale.present) throw OpError("input angle_scale is required when angles is int8");
     if (scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       throw OpError(std::string("input angle_scale must be float32, got ") + type_name(scale.type));
-    if (scale.shape.size() != 1 || scale.shape[0] != angles.shape[0])
+    if (scale.shape.size() != 1 || scale.shape[0] != static_cast<int64_t>(E))
       throw OpError("input angle_scale must have shape [E] = [" + std::to_string(E) + "], got " + shape_str(scale.shape));
   } else if (scale.present) {
-    throw OpError(std::string("input angle_scale must be omitted when angles is ") + type_name(angles.type));
+    throw OpError(std::string("input angle_scale must be omitted when angles is ") + type_name(angle_type));
   }
 
   float* Y = static_cast<float*>(output(api, ctx, 0, X.shape));
   if (M == 0) return;
+  const float* x = static_cast<const float*>(X.data);
+  if (stream) return compute_streamed(x, Y, M, D, S, idx, scale, ctx);
   const size_t tf = table_floats(S, P);
 
   // Table of each row's expert: the constant tables, or this call's referenced experts.
@@ -184,7 +244,6 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   }
 
   // Tasks of whole rows, each at least ~32K pair rotations.
-  const float* x = static_cast<const float*>(X.data);
   const size_t rows = std::max<size_t>(1, 32768 / (S * P / 2)), tasks = (M + rows - 1) / rows;
   auto task = [&](size_t t) {
     for (size_t m = t * rows; m < std::min(M, (t + 1) * rows); ++m) {
@@ -195,10 +254,80 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   parallel_for(api, ctx, tasks, task);
 }
 
+void Kernel::compute_streamed(const float* x, float* Y, size_t M, size_t D, size_t S, const int64_t* idx,
+                              const Tensor& scale, OrtKernelContext* ctx) const {
+  const size_t E = stream->experts(), C = stream->slots(), P = size_t{1} << S;
+  // Rows grouped by expert (counting sort): order[first[e] .. first[e+1]) are expert e's rows.
+  std::vector<size_t> first(E + 1, 0), order(M);
+  for (size_t m = 0; m < M; ++m) ++first[(idx ? static_cast<size_t>(idx[m]) : 0) + 1];
+  for (size_t e = 0; e < E; ++e) first[e + 1] += first[e];
+  {
+    std::vector<size_t> next(first.begin(), first.end() - 1);
+    for (size_t m = 0; m < M; ++m) order[next[idx ? static_cast<size_t>(idx[m]) : 0]++] = m;
+  }
+  std::vector<size_t> used;
+  for (size_t e = 0; e < E; ++e)
+    if (first[e + 1] > first[e]) used.push_back(e);
+
+  const ONNXTensorElementDataType type = stream_type;
+  const float* scales = scale.present ? static_cast<const float*>(scale.data) : nullptr;
+  const size_t rows_per_task = std::max<size_t>(1, 32768 / (S * P / 2));
+  // At most C experts' tables at a time: this call never needs more slots than the cache has.
+  for (size_t g0 = 0; g0 < used.size(); g0 += C) {
+    const size_t n = std::min(C, used.size() - g0);
+    std::vector<AngleCache::Table> tables(n);
+    std::vector<uint32_t> tags(n);
+    std::vector<size_t> missing;
+    for (size_t u = 0; u < n; ++u) {  // hits first (made most recent), then the misses
+      const float sc = scales ? scales[used[g0 + u]] : 1.0f;
+      std::memcpy(&tags[u], &sc, 4);
+      tables[u] = stream->lookup(used[g0 + u], S, tags[u]);
+      if (!tables[u]) missing.push_back(u);
+    }
+    std::vector<std::string> errors(missing.size());
+    auto fetch = [&](size_t i) {  // read + cos/sin of the misses, in parallel
+      const size_t u = missing[i];
+      const float sc = scales ? scales[used[g0 + u]] : 1.0f;
+      try {
+        tables[u] = stream->load(used[g0 + u], S, [&](const void* raw, float* out) {
+          Tensor a, s;
+          a.type = type;
+          a.data = raw;
+          s.data = &sc;
+          build_table(a, s, 0, S, out);
+        });
+      } catch (const std::exception& ex) {  // parallel_for tasks must not throw
+        errors[i] = ex.what();
+      } catch (...) {
+        errors[i] = "unknown error reading angles";
+      }
+    };
+    if (!missing.empty()) parallel_for(api, ctx, missing.size(), fetch);
+    for (const std::string& err : errors)
+      if (!err.empty()) throw OpError(err);
+    for (size_t u : missing) tables[u] = stream->insert(used[g0 + u], S, tags[u], tables[u]);  // in expert order
+
+    // The group's rows are order[first[used[g0]] .. first[used[g0 + n - 1] + 1]).
+    const size_t r0 = first[used[g0]], r1 = first[used[g0 + n - 1] + 1];
+    std::vector<const float*> row_table(r1 - r0);
+    for (size_t u = 0; u < n; ++u)
+      for (size_t r = first[used[g0 + u]]; r < first[used[g0 + u] + 1]; ++r) row_table[r - r0] = tables[u]->data();
+    const size_t tasks = (r1 - r0 + rows_per_task - 1) / rows_per_task;
+    auto task = [&](size_t t) {
+      for (size_t r = r0 + t * rows_per_task; r < std::min(r1, r0 + (t + 1) * rows_per_task); ++r) {
+        const size_t m = order[r];
+        std::copy(x + m * D, x + (m + 1) * D, Y + m * D);
+        rotate(Y + m * D, D, S, row_table[r - r0], transpose);
+      }
+    };
+    parallel_for(api, ctx, tasks, task);
+  }
+}
+
 }  // namespace
 
 const OpDef kButterflyRotateDef = {
-    "ButterflyRotate", 4, 2,
+    "ButterflyRotate", 4, 1,
     [](const OrtApi* api, const OrtKernelInfo* info, void** k) {
       return guarded(api, "ButterflyRotate", [&] { *k = create(api, info); });
     },

@@ -1,0 +1,71 @@
+// Streamed angles (docs/ops.md, "ButterflyRotate, streamed form"): per-expert angle
+// slices read on demand from a file into a bounded LRU of cos/sin tables.
+//
+// One AngleCache per streamed ButterflyRotate node. The file is opened once (at
+// kernel creation) and closed with the cache. A miss reads exactly the expert's
+// slice with pread and builds its table outside the lock; tables are handed out as
+// shared_ptr, so evicting a slot never frees a table that a concurrent Run still
+// uses (it lives until its last user drops it). Totals of all caches in the
+// process are kept in global counters (BmoeAngleCacheStats / BmoeAngleCacheReset).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace bmoe {
+
+class AngleCache {
+ public:
+  using Table = std::shared_ptr<const std::vector<float>>;
+  // Fills `table` (table_floats(S, P) floats) from one expert's raw slice.
+  using Builder = std::function<void(const void* raw, float* table)>;
+
+  // Opens `path` (throws OpError naming it if that fails). `elem_bytes` is the size
+  // of one stored angle (4, 2 or 1).
+  AngleCache(std::string path, int64_t offset, size_t experts, size_t elem_bytes, size_t slots);
+  ~AngleCache();
+  AngleCache(const AngleCache&) = delete;
+  AngleCache& operator=(const AngleCache&) = delete;
+
+  // The cos/sin table of expert `e` for S stages, built by `build` on a miss. `tag`
+  // identifies what else the table depends on (the int8 angle_scale[e] bits): a
+  // cached table with another tag is rebuilt. Thread-safe. Throws OpError naming
+  // the file and expert on a short read (truncated file) or a read error.
+  Table acquire(size_t e, size_t S, uint32_t tag, const Builder& build);
+
+  // acquire in three steps, for a group of experts (deterministic LRU order whatever
+  // the threads): lookup each (a hit is counted and made most recent; null on a miss),
+  // load the misses (any thread; counted), then insert them in a fixed order. With at
+  // most `slots` experts in a group, inserting never evicts one of the group's hits.
+  Table lookup(size_t e, size_t S, uint32_t tag);
+  Table load(size_t e, size_t S, const Builder& build) const;
+  Table insert(size_t e, size_t S, uint32_t tag, Table table);
+
+  size_t experts() const { return experts_; }
+  size_t slots() const { return slots_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  struct Entry {
+    Table table;  // null when not cached
+    uint32_t tag = 0;
+    std::list<size_t>::iterator lru;  // valid when table != null
+  };
+  void read_slice(size_t e, size_t bytes, unsigned char* out) const;
+
+  const std::string path_;
+  const int64_t offset_;
+  const size_t experts_, elem_bytes_, slots_;
+  int fd_ = -1;
+  std::mutex mu_;            // guards everything below
+  size_t stages_ = 0;        // S the cached tables were built for (0: none yet)
+  std::vector<Entry> entries_;  // one per expert
+  std::list<size_t> lru_;    // cached experts, most recently used first
+};
+
+}  // namespace bmoe
