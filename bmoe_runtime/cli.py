@@ -75,10 +75,11 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
     model_dir = model_dir or default_model_dir()
     if backend == "auto":
         backend = "ort" if ort_ops.available() else "numba"
-    plan = None
+    plan, slots = None, None
     if device or budget_mb or context:  # plan first, then allocate
         plan, threads = _run_plan(model_dir, backend, device or "host", budget_mb, context, threads, prompt, n_new)
-    gen = Generator(ModelSession(model_dir, backend, threads))
+        slots = plan[1].cache_experts if plan[1].streaming else None
+    gen = Generator(ModelSession(model_dir, backend, threads, angle_cache_slots=slots))
     click.echo(f"[bmoe] {model_dir} on {backend}", err=True)
     stats = GenerationStats()
     sys.stdout.write(prompt)
@@ -130,50 +131,43 @@ def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, con
     if refusal(plan):
         raise BmoeError(refusal(plan))
     click.echo(f"[bmoe] {plan.summary()}", err=True)
-    as_run = make_plan(manifest, dev, settings, budget, model_name=str(model_dir), all_resident=True)
-    if plan.streaming:
-        click.echo(f"[bmoe] the budget needs angle streaming ({plan.cache_experts} of {plan.n_experts} experts a "
-                   f"layer cached); streaming not implemented yet: all angles resident, predicted peak "
-                   f"{as_run.peak_bytes / MIB:.1f} MiB", err=True)
-    return (dev, plan, as_run), threads
+    return (dev, plan), threads
 
 
-def _run_report(dev, plan, as_run, memory: dict, measured_tok_s: float) -> dict:  # Device, Plan, Plan
-    """Planned vs measured memory; off the device, a labelled estimate of its speed."""
+def _run_report(dev, plan, memory: dict, measured_tok_s: float) -> dict:  # Device, Plan
+    """Planned vs measured memory, the angle cache's counters; off the device, a labelled estimate of its speed."""
     from .planner import MIB
+    from .streaming import cache_stats
 
     peak = memory["peak_rss_bytes"]
-    ratio = peak / as_run.peak_bytes if peak else None
+    ratio = peak / plan.peak_bytes if peak else None
     line = f"[bmoe] memory: peak RSS {peak / MIB:.1f} MiB" if peak else "[bmoe] memory: peak RSS unknown"
     if memory["pss_bytes"]:
         line += f", PSS {memory['pss_bytes'] / MIB:.1f} MiB"
-    line += f"; predicted peak {as_run.peak_bytes / MIB:.1f} MiB"
+    line += f"; predicted peak {plan.peak_bytes / MIB:.1f} MiB"
     line += f" (measured/predicted {ratio:.2f})" if ratio else ""
     click.echo(line, err=True)
-    out = {"device": dev.to_dict(), "on_device": dev.is_host, "plan": plan.to_dict(), "plan_as_run": as_run.to_dict(),
-           "memory": {**memory, "predicted_peak_bytes": as_run.peak_bytes, "measured_over_predicted": ratio},
-           "streaming": {"needed": plan.streaming, "implemented": False,
-                         "note": "streaming not implemented yet: all angles resident" if plan.streaming else None}}
+    out = {"device": dev.to_dict(), "on_device": dev.is_host, "plan": plan.to_dict(),
+           "memory": {**memory, "predicted_peak_bytes": plan.peak_bytes, "measured_over_predicted": ratio},
+           "streaming": {"streamed": plan.streaming, "cache_experts_per_layer": plan.cache_experts}}
+    if plan.streaming:
+        counters = cache_stats(plan.settings["backend"])
+        out["streaming"].update(counters, mb_streamed=counters["bytes_read"] / MIB)
+        click.echo(f"[bmoe] angle cache: {plan.cache_experts}/{plan.n_experts} experts a layer; {counters['hits']} hits, "
+                   f"{counters['misses']} misses, {counters['bytes_read'] / MIB:.2f} MiB read from angles.bin", err=True)
     if not dev.is_host:
         click.echo(f"[bmoe] NOT run on {dev.name}: ran on this host with {plan.settings['threads']} threads "
                    f"(at most {dev.name}'s {dev.cores} cores); the memory above is this host's", err=True)
-        est = {"label": "ESTIMATE (not measured): memory/storage bandwidth bound, compute not modelled",
-               "device": dev.name, "decode_tokens_per_s": as_run.estimate_tokens_per_s,
-               "ram_read_bytes_per_token": as_run.ram_read_bytes_per_token,
-               "streamed_bytes_per_token": as_run.streamed_bytes_per_token,
-               "mem_bandwidth_gbs": dev.mem_bandwidth_gbs, "measured_here_tokens_per_s": measured_tok_s}
-        if plan.streaming:
-            est["with_streaming_decode_tokens_per_s"] = plan.estimate_tokens_per_s
-            est["with_streaming_streamed_bytes_per_token"] = plan.streamed_bytes_per_token
-        click.echo(f"[bmoe] ESTIMATE for {dev.name}: <= {as_run.estimate_tokens_per_s:,.0f} tok/s decode "
-                   f"({as_run.ram_read_bytes_per_token / MIB:.2f} MiB read per token at "
-                   f"{dev.mem_bandwidth_gbs:g} GB/s; "
-                   f"compute not modelled, so a ceiling)", err=True)
-        if plan.streaming:
-            click.echo(f"[bmoe] ESTIMATE for {dev.name} with the planned streaming: <= "
-                       f"{plan.estimate_tokens_per_s:,.0f} tok/s ({plan.streamed_bytes_per_token / 1024:.1f} KiB "
-                       f"read from storage per token)", err=True)
-        out["estimate"] = est
+        out["estimate"] = {"label": "ESTIMATE (not measured): memory/storage bandwidth bound, compute not modelled",
+                           "device": dev.name, "decode_tokens_per_s": plan.estimate_tokens_per_s,
+                           "ram_read_bytes_per_token": plan.ram_read_bytes_per_token,
+                           "streamed_bytes_per_token": plan.streamed_bytes_per_token,
+                           "mem_bandwidth_gbs": dev.mem_bandwidth_gbs, "measured_here_tokens_per_s": measured_tok_s}
+        storage = (f" + {plan.streamed_bytes_per_token / 1024:.1f} KiB from storage" if plan.streaming else "")
+        if plan.estimate_tokens_per_s is not None:
+            click.echo(f"[bmoe] ESTIMATE for {dev.name}: <= {plan.estimate_tokens_per_s:,.0f} tok/s decode "
+                       f"({plan.ram_read_bytes_per_token / MIB:.2f} MiB read per token at "
+                       f"{dev.mem_bandwidth_gbs:g} GB/s{storage}; compute not modelled, so a ceiling)", err=True)
     return out
 
 

@@ -1,11 +1,14 @@
 """Memory plan: will an exported LM fit a device, and with how large an angle cache?
 
-peak(c) = runtime + copies·(resident weights + c·expert angles) + cos/sin tables(c)
-          + max(load transient, KV cache + activations)
+resident: peak = runtime + copies·(weights + all angles) + cos/sin tables(all, ort)
+                + max(load transient, KV cache + activations)
+streamed: peak = runtime + copies·weights + c·cos/sin tables (the angle cache)
+                + max(load transient, KV cache + activations)
 
-with c the experts a layer whose angles stay in RAM (the rest would be read from
-angles.bin per token). The largest c in [top_k, n_experts] under the budget wins; if
-even c = top_k does not fit, the plan is refused. Every term is listed in docs/planner.md
+All angles stay resident when that fits. Otherwise angles are streamed from angles.bin
+(bmoe_runtime.streaming) into a cache of c experts a layer: the largest c in
+[top_k, n_experts] under the budget wins; if even c = top_k does not fit, the plan is
+refused. Every term is listed in docs/planner.md
 with the measurements behind it. Sizes are bytes; MiB = 2^20 bytes.
 """
 
@@ -88,7 +91,7 @@ class Plan:
                  f"{f'smallest plan ({self.top_k} experts a layer)':<44}{self.smallest_peak_bytes / MIB:>12.3f}",
                  f"{'all angles resident':<44}{self.all_resident_peak_bytes / MIB:>12.3f}", "",
                  f"angle cache: {self.cache_experts} of {self.n_experts} experts a layer × {self.moe_layers} layers "
-                 f"({'streaming needed' if self.streaming else 'all resident, nothing streamed'})"]
+                 f"({'the rest streamed from angles.bin' if self.streaming else 'all resident, nothing streamed'})"]
         if self.streaming:
             rows.append(f"streamed per token: {self.expected_misses_per_token:.2f} expert misses, "
                         f"{self.streamed_bytes_per_token / 1024:.1f} KiB (uniform routing)")
@@ -102,7 +105,7 @@ class Plan:
     def summary(self) -> str:
         return (f"plan for {self.device['name']}: peak {self.peak_bytes / MIB:.1f} MiB of "
                 f"{self.budget_bytes / MIB:.1f} MiB budget, angle cache {self.cache_experts}/{self.n_experts} "
-                f"experts a layer{', streaming needed' if self.streaming else ''}")
+                f"experts a layer{', streamed from angles.bin' if self.streaming else ''}")
 
 
 _PROBE = r"""
@@ -159,10 +162,11 @@ def runtime_overhead(backend: str, packing: str = "2bit", act_quant: int = 0) ->
         return FALLBACK_OVERHEAD[backend], f"fallback constant (probe failed: {type(exc).__name__})"
 
 
-def _table_bytes(shape: list[int]) -> int:
-    """cos/sin table of one expert as the C++ op builds it: P·(S + min(S, 4)) floats (custom_ops/src/butterfly.h)."""
+def _table_bytes(shape: list[int], backend: str = "ort") -> int:
+    """cos/sin table of one expert: the C++ op's layout is P·(S + min(S, 4)) floats (custom_ops/src/butterfly.h),
+    numba's is cos and sin [S, P/2] each."""
     s, p = shape[1], 2 * shape[2]
-    return F32 * p * (s + min(s, 4))
+    return F32 * p * (s + min(s, 4)) if backend == "ort" else F32 * p * s
 
 
 def activation_bytes(cfg: dict, backend: str, tokens: int, context: int, batch: int) -> int:
@@ -230,26 +234,32 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
     kv = 2 * cfg["n_layers"] * settings.batch * context * cfg["d_model"] * F32
     act = activation_bytes(cfg, backend, prefill, context, settings.batch)
 
-    def parts(c: int) -> tuple[dict[str, int], int, int]:
+    stream_table_bytes = sum(_table_bytes(shapes[t["tensor"]], backend) for ts in layers.values() for t in ts)
+
+    def parts(c: int, streamed: bool) -> tuple[dict[str, int], int, int]:
         comp = {f"runtime ({backend}; {overhead[1].split(':')[0]})": overhead[0]}
         comp |= {f"weights: {kind}": b for kind, b in sorted(by_kind.items(), key=lambda kb: -kb[1])}
         if copies > 1:
             comp["weights: second copy (protobuf + numpy)"] = (copies - 1) * resident
-        comp[f"angles: {c}/{n_exp} experts × {len(layers)} layers" + (f" × {copies}" if copies > 1 else "")] = \
-            copies * c * slice_bytes
-        if table_bytes:
-            comp["angles: cos/sin tables (ort op)"] = c * table_bytes
+        if streamed:  # raw angles are never loaded; the cache holds c experts' cos/sin tables a layer
+            comp[f"angle cache: {c}/{n_exp} experts × {len(layers)} layers (cos/sin)"] = c * stream_table_bytes
+        else:
+            comp[f"angles: {c}/{n_exp} experts × {len(layers)} layers" + (f" × {copies}" if copies > 1 else "")] = \
+                copies * c * slice_bytes
+            if table_bytes:
+                comp["angles: cos/sin tables (ort op)"] = c * table_bytes
         comp["KV cache (past + present)"] = 2 * kv
         comp[f"activations ({prefill}-token step)"] = act
-        transient = LOAD_TRANSIENT_COPIES[backend] * (resident + c * slice_bytes)
+        transient = LOAD_TRANSIENT_COPIES[backend] * (resident + (0 if streamed else c * slice_bytes))
         return comp, transient, sum(comp.values()) - 2 * kv - act + max(transient, 2 * kv + act)
 
     lo = min(top_k, n_exp) if layers else 0
-    cache = n_exp if layers else 0
-    if not all_resident:
-        while cache > lo and parts(cache)[2] > budget_bytes:
+    cache, streaming = (n_exp if layers else 0), False
+    if not all_resident and parts(cache, False)[2] > budget_bytes and layers:
+        streaming = True
+        while cache > lo and parts(cache, True)[2] > budget_bytes:
             cache -= 1
-    comp, transient, peak = parts(cache)
+    comp, transient, peak = parts(cache, streaming)
 
     # Per token: weights read (tied head read whole, one position row), the chosen experts' angles, KV at mean fill.
     emb = sum(b["bytes"] for n, b in manifest["tensors"].items() if "tok_emb" in n) or by_kind.get("embeddings", 0)
@@ -277,8 +287,9 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
                           "threads": settings.threads},
                 budget_bytes=budget_bytes, budget_source=source, components=comp, load_transient_bytes=transient,
                 peak_bytes=peak, fits=peak <= budget_bytes, n_experts=n_exp, top_k=top_k, moe_layers=len(layers),
-                cache_experts=cache, expert_angle_bytes=slice_bytes, smallest_peak_bytes=parts(lo)[2],
-                all_resident_peak_bytes=parts(n_exp if layers else 0)[2], streaming=cache < n_exp and bool(layers),
+                cache_experts=cache, expert_angle_bytes=slice_bytes,
+                smallest_peak_bytes=parts(lo, bool(layers))[2] if layers else parts(0, False)[2],
+                all_resident_peak_bytes=parts(n_exp if layers else 0, False)[2], streaming=streaming,
                 expected_misses_per_token=misses, streamed_bytes_per_token=streamed,
                 ram_read_bytes_per_token=ram_read, estimate_tokens_per_s=estimate, overhead_source=overhead[1],
                 notes=notes)

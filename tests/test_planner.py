@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bmoe_runtime import default_model_dir
+from bmoe_runtime import default_model_dir, ort_ops
 from bmoe_runtime.cli import main_cli
 from bmoe_runtime.devices import resolve_device, validate
 from bmoe_runtime.errors import BmoeError
@@ -60,7 +60,8 @@ def test_hand_computed_plan_all_resident():
     assert p.components["angles: cos/sin tables (ort op)"] == 4 * 1408
     assert p.components["KV cache (past + present)"] == 8192
     assert p.components["activations (32-token step)"] == 79872
-    assert p.peak_bytes == 104950880 + 4 * 1584 and p.smallest_peak_bytes == 104950880 + 2 * 1584
+    # resident: angles 176 B + cos/sin table 1408 B an expert; streamed (smallest plan): only the cached tables
+    assert p.peak_bytes == 104950880 + 4 * 1584 and p.smallest_peak_bytes == 104950880 + 2 * 1408
     assert p.budget_bytes == 512 * MIB and p.fits and not p.streaming and p.cache_experts == 4
     assert p.streamed_bytes_per_token == 0 and p.expected_misses_per_token == 0
     # read per token: weights 5216 − 1536 + tok_emb 512 + one pos row 32 = 4224; k tables 2816; KV at mean fill 2048
@@ -69,9 +70,9 @@ def test_hand_computed_plan_all_resident():
 
 
 def test_hand_computed_plan_with_streaming():
-    budget = 104950880 + 4 * 1584 - 1  # one byte short of all resident: 3 of 4 experts a layer
+    budget = 104950880 + 4 * 1408 - 1  # one byte short of a 4-expert cache: 3 of 4 experts a layer, streamed
     p = make_plan(synthetic_manifest(), DEVICE, Settings("ort"), budget, OVERHEAD)
-    assert p.fits and p.streaming and p.cache_experts == 3 and p.peak_bytes == 104950880 + 3 * 1584
+    assert p.fits and p.streaming and p.cache_experts == 3 and p.peak_bytes == 104950880 + 3 * 1408
     # uniform routing: each of the k chosen experts misses with probability 1 − c/N
     assert p.expected_misses_per_token == pytest.approx(2 * 2 * 0.25)
     assert p.streamed_bytes_per_token == pytest.approx(2 * 0.25 * 176)
@@ -131,21 +132,28 @@ def test_plan_cli_refusal(monkeypatch):
     assert "Error: " in r.output and "does not fit rpi4" in r.output and "the budget is 200.0 MiB" in r.output
 
 
-def test_run_says_streaming_is_not_implemented(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["ort", "numba"])
+def test_run_streams_under_a_tight_budget(tmp_path, monkeypatch, backend):
+    """A budget below the all-resident peak streams angles: same tokens as the resident run, counters move."""
+    if backend == "ort" and not ort_ops.available():
+        pytest.skip("libbmoe_ops.so is not built")
     monkeypatch.setenv("BMOE_OVERHEAD_MB", "300")
     manifest = read_manifest(default_model_dir(), verify=False)
-    s = Settings("numba", context=14, prefill=6)  # "ROMEO:" is 6 byte tokens, + 8 new
+    s = Settings(backend, context=14, prefill=6)  # "ROMEO:" is 6 byte tokens, + 8 new
     plan = make_plan(manifest, resolve_device("rpi5"), s)
     budget_mb = (plan.smallest_peak_bytes + plan.all_resident_peak_bytes) / 2 / MIB
-    r = CliRunner().invoke(main_cli, ["run", "--backend", "numba", "--device", "rpi5", "-n", "8",
-                                      "--budget-mb", repr(budget_mb), "--json", str(tmp_path / "r.json")])
-    assert r.exit_code == 0, r.output
-    assert "streaming not implemented yet: all angles resident" in r.output
-    rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["streaming"] == {"needed": True, "implemented": False,
-                                "note": "streaming not implemented yet: all angles resident"}
+    reports = {}
+    for name, extra in (("resident", []), ("streamed", ["--budget-mb", repr(budget_mb)])):
+        r = CliRunner().invoke(main_cli, ["run", "--backend", backend, "--device", "rpi5", "-n", "8", "--temperature",
+                                          "0", "--json", str(tmp_path / f"{name}.json"), *extra])
+        assert r.exit_code == 0, r.output
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    streamed = reports["streamed"]
+    assert streamed["text"] == reports["resident"]["text"]
+    assert not reports["resident"]["streaming"]["streamed"]
     n = manifest["config"]["n_experts"]
-    assert rep["plan"]["cache_experts"] < n and rep["plan_as_run"]["cache_experts"] == n
+    assert streamed["streaming"]["streamed"] and streamed["plan"]["cache_experts"] < n
+    assert streamed["streaming"]["misses"] > 0 and streamed["streaming"]["bytes_read"] > 0
 
 
 def test_run_refuses_before_loading(monkeypatch):
@@ -164,7 +172,7 @@ def test_measured_peak_matches_the_plan(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "out.json").read_text())
-    for key in ("device", "on_device", "plan", "plan_as_run", "memory", "streaming", "estimate"):
+    for key in ("device", "on_device", "plan", "memory", "streaming", "estimate"):
         assert key in rep
     mem = rep["memory"]
     assert rep["on_device"] is False and rep["threads"] <= 4 and rep["plan"]["overhead_source"].startswith("measured")
