@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from bmoe_runtime import ButterflyMoE
+from bmoe_runtime import ButterflyMoE, ort_ops
 from bmoe_runtime.checkpoint import save_checkpoint
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.generate import Generator
@@ -61,6 +61,11 @@ def test_lm_parity_and_greedy_tokens(tmp_path, variant, form):
     ours = list(gen.tokens(PROMPT, 32))
     ref = model.generate(torch.tensor([PROMPT]), 32)[0, len(PROMPT):].tolist()
     assert ours == ref
+    if ort_ops.available():  # the C++ ops on the same file: same logits, same tokens as the Numba runtime
+        fast = Generator(ModelSession(out, backend="ort"))
+        ort_logits, _ = fast.step(np.array([PROMPT], np.int64), fast.empty_cache())
+        assert np.abs(ort_logits - logits).max() <= 1e-4
+        assert list(fast.tokens(PROMPT, 32)) == ours
 
 
 @pytest.mark.parametrize("packing,angles,tol", [("base3", "fp32", 1e-4), ("2bit", "fp16", 2e-2), ("base3", "int8", 0.3)])
