@@ -5,6 +5,8 @@ the spec lists; violations raise OpError, never an out-of-bounds read.
 
 ButterflyRotate's streamed form (docs/ops.md) reads each expert's angles from a file on
 demand into a bounded LRU (AngleStream); its counters are angle_cache_stats().
+AnglePrefetch (router look-ahead) fills the AngleStream shared by cache_key
+(AngleStream.shared) with the experts a later layer is predicted to use (angle_prefetch).
 """
 
 from __future__ import annotations
@@ -203,12 +205,13 @@ def butterfly_rotate(x: np.ndarray, angles: np.ndarray, expert_index: np.ndarray
 # ------------------------------------------------------------------ streamed angles
 
 ANGLE_DTYPES = {1: np.dtype(np.float32), 10: np.dtype(np.float16), 3: np.dtype(np.int8)}  # ONNX TensorProto codes
-_stats = {"hits": 0, "misses": 0, "bytes_read": 0}
+_stats = {"hits": 0, "misses": 0, "bytes_read": 0, "prefetches": 0, "prefetch_hits": 0}
 _stats_lock = threading.Lock()
 
 
 def angle_cache_stats() -> dict[str, int]:
-    """Totals over every AngleStream of the process: (call, expert) look-ups hit/missed, angle bytes read."""
+    """Totals over every AngleStream of the process: (call, expert) look-ups hit/missed, angle bytes read,
+    experts read by AnglePrefetch (bytes in bytes_read, not in misses) and first hits on them."""
     with _stats_lock:
         return dict(_stats)
 
@@ -225,10 +228,33 @@ def _count(**kw: int) -> None:
             _stats[k] += v
 
 
+_registry: "weakref.WeakValueDictionary[str, AngleStream]" = weakref.WeakValueDictionary()
+_registry_lock = threading.Lock()
+
+
 class AngleStream:
     """The streamed angles of one ButterflyRotate node: expert e's slice [S, P/2] of an
     [E, S, P/2] table at `offset` in `path`, read with os.pread on a miss into an LRU of
-    at most `slots` experts' cos/sin tables. Thread-safe; the file is opened once."""
+    at most `slots` experts' cos/sin tables. Thread-safe; the file is opened once.
+    Nodes with the same cache_key share one (AngleStream.shared)."""
+
+    @classmethod
+    def shared(cls, key: str | None, path: str, offset: int, experts: int, dtype_code: int, slots: int,
+               op: str = "ButterflyRotate") -> "AngleStream":
+        """A new stream (key empty), or the live one registered under `key` (created if none);
+        OpError if that one was opened with other parameters."""
+        if not key:
+            return cls(path, offset, experts, dtype_code, slots)
+        with _registry_lock:
+            s = _registry.get(key)
+            if s is None:
+                s = cls(path, offset, experts, dtype_code, slots)
+                _registry[key] = s
+            elif (s.path, s.offset, s.experts, s.dtype, s.slots) != (path, offset, experts,
+                                                                     ANGLE_DTYPES.get(dtype_code), slots):
+                raise OpError(f"{op}: cache_key '{key}' is already used by a node with other angle_file, "
+                              f"angle_offset, angle_experts, angle_dtype or cache_slots")
+            return s
 
     def __init__(self, path: str, offset: int, experts: int, dtype_code: int, slots: int):
         if offset is None or offset < 0:
@@ -250,6 +276,8 @@ class AngleStream:
         self._lock = threading.Lock()
         self._lru: OrderedDict[int, tuple[float, np.ndarray, np.ndarray]] = OrderedDict()  # e → (scale, cos, sin)
         self._stages = 0
+        self._dim = 0  # D of the last group() (the tables depend on it): what a prefetch builds for
+        self._prefetched: set[int] = set()  # cached by a prefetch, not hit since
 
     def _read(self, e: int, nbytes: int) -> bytes:
         start = self.offset + e * nbytes
@@ -272,15 +300,20 @@ class AngleStream:
         with self._lock:
             if s_count != self._stages:  # another D: the file holds other tables
                 self._lru.clear()
+                self._prefetched.clear()
                 self._stages = s_count
             hit = self._lru.get(e)
             if hit is None or hit[0] != scale:
                 return None
             self._lru.move_to_end(e)
-            _count(hits=1)
+            if e in self._prefetched:
+                self._prefetched.discard(e)
+                _count(hits=1, prefetch_hits=1)
+            else:
+                _count(hits=1)
             return hit[1], hit[2]
 
-    def load(self, e: int, d: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, e: int, d: int, scale: float, prefetch: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Read expert e's slice and build its cos, sin [S, P/2] for width d (inactive pairs: 1, 0)."""
         p = 1 << (d - 1).bit_length()
         s_count = p.bit_length() - 1
@@ -291,21 +324,61 @@ class AngleStream:
         active = _active(d)
         cos_t = np.where(active, np.cos(theta), np.float32(1)).astype(np.float32)
         sin_t = np.where(active, np.sin(theta), np.float32(0)).astype(np.float32)
-        _count(misses=1, bytes_read=nbytes)
+        if prefetch:
+            _count(prefetches=1, bytes_read=nbytes)
+        else:
+            _count(misses=1, bytes_read=nbytes)
         return cos_t, sin_t
 
-    def insert(self, e: int, s_count: int, scale: float, tabs: tuple[np.ndarray, np.ndarray]) -> None:
+    def insert(self, e: int, s_count: int, scale: float, tabs: tuple[np.ndarray, np.ndarray],
+               prefetch: bool = False) -> None:
         with self._lock:
             if s_count == self._stages:
+                if prefetch and e not in self._lru:
+                    self._prefetched.add(e)
+                elif not prefetch:
+                    self._prefetched.discard(e)
                 self._lru[e] = (scale, *tabs)
                 self._lru.move_to_end(e)
                 while len(self._lru) > self.slots:
-                    self._lru.popitem(last=False)  # callers keep their own references
+                    old, _ = self._lru.popitem(last=False)  # callers keep their own references
+                    self._prefetched.discard(old)
+
+    def prefetch(self, experts: list[int], scales: list[float]) -> None:
+        """AnglePrefetch: bring the first `slots` distinct experts in (an already cached one is
+        made most recent, no hit counted). Nothing before a rotate has used the stream (D unknown).
+        Read errors are skipped: the rotate that needs the expert reports them."""
+        with self._lock:
+            d, s_count = self._dim, self._stages
+        if not d:
+            return
+        seen: list[int] = []
+        for e, sc in zip(experts, scales):
+            if e in seen:
+                continue
+            if len(seen) == self.slots:
+                break
+            seen.append(e)
+            with self._lock:
+                hit = self._lru.get(e)
+                if s_count == self._stages and hit is not None and hit[0] == sc:
+                    self._lru.move_to_end(e)
+                    continue
+            try:
+                tabs = self.load(e, d, sc, prefetch=True)
+            except OpError:
+                continue
+            self.insert(e, s_count, sc, tabs, prefetch=True)
 
     def group(self, experts: list[int], d: int, scales: list[float]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Tables of ≤ slots experts: hits first (made most recent), then the misses read and
         inserted in order, so no expert of the group evicts another (as the C++ kernel)."""
         s_count = (1 << (d - 1).bit_length()).bit_length() - 1
+        with self._lock:
+            if d != self._dim:  # the cos/sin tables depend on D (inactive pairs), not only on S
+                self._lru.clear()
+                self._prefetched.clear()
+                self._dim = d
         tabs = [self.lookup(e, s_count, sc) for e, sc in zip(experts, scales)]
         for i, (e, sc) in enumerate(zip(experts, scales)):
             if tabs[i] is None:
@@ -336,3 +409,31 @@ def butterfly_rotate_streamed(x: np.ndarray, stream: AngleStream, expert_index: 
         kernel = _rotate_kernels[len(rows) * p * s_count >= PARALLEL_MIN_WORK]
         y[rows] = kernel(xr, cos_t, sin_t, row_table[rows] - g0, bool(transpose))
     return y
+
+
+def angle_prefetch(x: np.ndarray, expert_ids: np.ndarray, stream: AngleStream,
+                   angle_scale: np.ndarray | None = None) -> np.ndarray:
+    """AnglePrefetch (docs/ops.md): load expert_ids' angles into `stream`, return X unchanged."""
+    x, expert_ids = np.asarray(x), np.asarray(expert_ids)
+    if x.dtype != np.float32:
+        raise OpError(f"AnglePrefetch: X must be float32, got {x.dtype}")
+    if expert_ids.dtype != np.int64:
+        raise OpError(f"AnglePrefetch: expert_ids must be int64, got {expert_ids.dtype}")
+    flat = expert_ids.reshape(-1)
+    bad = (flat < 0) | (flat >= stream.experts)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise OpError(f"AnglePrefetch: expert_ids[{i}] = {int(flat[i])} is out of range [0, {stream.experts})")
+    if stream.dtype == np.int8:
+        if angle_scale is None:
+            raise OpError("AnglePrefetch: int8 angles need angle_scale")
+        angle_scale = np.asarray(angle_scale)
+        if angle_scale.dtype != np.float32 or angle_scale.shape != (stream.experts,):
+            raise OpError(f"AnglePrefetch: angle_scale must be float32 [{stream.experts}], got "
+                          f"{angle_scale.dtype} {angle_scale.shape}")
+    elif angle_scale is not None:
+        raise OpError("AnglePrefetch: angle_scale is only allowed with int8 angles")
+    experts = [int(e) for e in flat]
+    scales = [float(angle_scale[e]) if angle_scale is not None else 1.0 for e in experts]
+    stream.prefetch(experts, scales)
+    return x.copy()

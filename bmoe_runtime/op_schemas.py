@@ -36,7 +36,23 @@ def _schemas() -> list[OpSchema]:
                     _opt("angle_offset", OpSchema.AttrType.INT, "byte offset of expert 0's slice"),
                     _opt("angle_experts", OpSchema.AttrType.INT, "E"),
                     _opt("angle_dtype", OpSchema.AttrType.INT, "TensorProto code: 1 float, 10 float16, 3 int8"),
-                    _opt("cache_slots", OpSchema.AttrType.INT, "experts' tables kept, ≥ 1")])
+                    _opt("cache_slots", OpSchema.AttrType.INT, "experts' tables kept, ≥ 1"),
+                    _opt("cache_key", OpSchema.AttrType.STRING, "nodes with the same key share one cache")])
+    prefetch = OpSchema(
+        "AnglePrefetch", DOMAIN, VERSION,
+        doc="Router look-ahead: load expert_ids' streamed angles into the cache of cache_key; Y = X. "
+            "See docs/ops.md.",
+        inputs=[_FP("X", "T"), _FP("expert_ids", "tensor(int64)"),
+                _FP("angle_scale", "tensor(float)", param_option=_OPTIONAL)],
+        outputs=[_FP("Y", "T")],
+        type_constraints=[("T", ["tensor(float)"], "passed through")],
+        attributes=[OpSchema.Attribute("angle_file", OpSchema.AttrType.STRING, "as ButterflyRotate's", required=True),
+                    _opt("angle_offset", OpSchema.AttrType.INT, "as ButterflyRotate's"),
+                    OpSchema.Attribute("angle_experts", OpSchema.AttrType.INT, "E", required=True),
+                    OpSchema.Attribute("angle_dtype", OpSchema.AttrType.INT, "as ButterflyRotate's", required=True),
+                    OpSchema.Attribute("cache_slots", OpSchema.AttrType.INT, "as ButterflyRotate's", required=True),
+                    OpSchema.Attribute("cache_key", OpSchema.AttrType.STRING, "the shared cache to fill",
+                                       required=True)])
     matmul = OpSchema(
         "TernaryMatMul", DOMAIN, VERSION,
         doc="A · (scale ⊙ T)ᵀ with packed trits T; see docs/ops.md.",
@@ -46,7 +62,7 @@ def _schemas() -> list[OpSchema]:
         attributes=[OpSchema.Attribute("K", OpSchema.AttrType.INT, "reduction length", required=True),
                     _attr("packing", "2bit", "2bit or base3"),
                     _attr("act_quant", 0, "1: int8 activations")])
-    return [rotate, matmul]
+    return [rotate, matmul, prefetch]
 
 
 def register() -> None:

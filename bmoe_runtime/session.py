@@ -35,9 +35,9 @@ def _reference_ops():
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in onnx_node.attribute}
             self._stream = None
             if attrs.get("angle_file"):  # streamed form: the file is opened once, with the node
-                self._stream = numba_ops.AngleStream(
-                    attrs["angle_file"].decode(), attrs.get("angle_offset", 0), attrs.get("angle_experts"),
-                    attrs.get("angle_dtype"), attrs.get("cache_slots"))
+                self._stream = numba_ops.AngleStream.shared(
+                    attrs.get("cache_key", b"").decode(), attrs["angle_file"].decode(), attrs.get("angle_offset", 0),
+                    attrs.get("angle_experts"), attrs.get("angle_dtype"), attrs.get("cache_slots"))
 
         def _run(self, x, angles=None, expert_index=None, angle_scale=None, transpose=0, **streamed):
             if self._stream is not None:
@@ -49,6 +49,22 @@ def _reference_ops():
                 raise numba_ops.OpError("ButterflyRotate: input angles is required (or the attribute angle_file)")
             return (numba_ops.butterfly_rotate(x, angles, expert_index, angle_scale, int(transpose)),)
 
+    class AnglePrefetch(OpRun):
+        op_domain = op_schemas.DOMAIN
+
+        def __init__(self, onnx_node, run_params, schema=None):
+            super().__init__(onnx_node, run_params, schema)
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in onnx_node.attribute}
+            key = attrs.get("cache_key", b"").decode()
+            if not key or not attrs.get("angle_file"):
+                raise numba_ops.OpError("AnglePrefetch: attributes angle_file and cache_key are required")
+            self._stream = numba_ops.AngleStream.shared(
+                key, attrs["angle_file"].decode(), attrs.get("angle_offset", 0), attrs.get("angle_experts"),
+                attrs.get("angle_dtype"), attrs.get("cache_slots"), op="AnglePrefetch")
+
+        def _run(self, x, expert_ids, angle_scale=None, **attrs):
+            return (numba_ops.angle_prefetch(x, expert_ids, self._stream, angle_scale),)
+
     class TernaryMatMul(OpRun):
         op_domain = op_schemas.DOMAIN
 
@@ -56,14 +72,16 @@ def _reference_ops():
             packing = packing.decode() if isinstance(packing, bytes) else packing
             return (numba_ops.ternary_matmul(a, w_packed, scale, K, packing, int(act_quant)),)
 
-    return [ButterflyRotate, TernaryMatMul]
+    return [ButterflyRotate, TernaryMatMul, AnglePrefetch]
 
 
 class ModelSession:
     """A loaded exported model. `run` is safe to call from several threads."""
 
     def __init__(self, model_dir: str | Path, backend: str = "ort", threads: int | None = None, verify: bool = True,
-                 angle_cache_slots: int | dict[str, int | None] | None = None):
+                 angle_cache_slots: int | dict[str, int | None] | None = None, lookahead: bool = False):
+        """lookahead: router look-ahead prefetch of streamed angles (streaming.add_lookahead);
+        needs angle_cache_slots."""
         if backend not in BACKENDS:
             raise BmoeError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.dir = Path(model_dir)
@@ -77,10 +95,15 @@ class ModelSession:
         self.inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
         self.output_names = [o.name for o in proto.graph.output]
         streamed = None
+        if lookahead and angle_cache_slots is None:
+            raise BmoeError("lookahead prefetch needs streamed angles (angle_cache_slots)")
         if angle_cache_slots is not None:  # angles streamed: the rewritten graph, without their initializers
             from .streaming import stream_angles
 
-            streamed = stream_angles(proto, self.dir, self.manifest, angle_cache_slots)
+            streamed = stream_angles(proto, self.dir, self.manifest, angle_cache_slots, lookahead=lookahead)
+        # MoE layers served by the router look-ahead prefetch (0 without it)
+        self.lookahead_layers = int({p.key: p.value for p in (streamed or proto).metadata_props}
+                                    .get("bmoe.lookahead_layers", 0))
         if backend == "ort":
             self._impl, self._lock = self._ort_session(path, threads, streamed), None
         else:

@@ -10,18 +10,27 @@ form: the C++ library (counters exported from libbmoe_ops.so) and numba_ops.
     from bmoe_runtime.session import ModelSession
     sess = ModelSession(model_dir, "ort", angle_cache_slots=2)   # every table: 2 experts cached
     sess = ModelSession(model_dir, "ort", angle_cache_slots={"lm.blocks.0.moe.experts.theta_angles": 4})
-    cache_stats("ort")  # {'hits': ..., 'misses': ..., 'bytes_read': ...}
+    cache_stats("ort")  # {'hits': ..., 'misses': ..., 'bytes_read': ..., 'prefetches': ..., 'prefetch_hits': ...}
+
+Router look-ahead (Pre-gated MoE; docs/ops.md, "AnglePrefetch"), `lookahead=True`: for each
+MoE layer l+1 ≥ 1, layer l+1's router gate is also applied to the input of layer l's
+router, its top-k experts go to AnglePrefetch nodes that load their angles into the caches
+of layer l+1's streamed ButterflyRotate nodes (shared through a per-session cache_key), and
+layer l's MoE input is passed through those nodes, so the prefetch runs before layer l's
+experts (and so before layer l+1's). Tokens are unchanged; only what is cached differs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import heapq
 import threading
+import uuid
 from pathlib import Path
 
 import onnx
 
-from . import numba_ops
+from . import numba_ops, op_schemas
 from .errors import BmoeError
 
 ANGLES_SUFFIX = "_angles"
@@ -39,11 +48,12 @@ def _slots_for(slots: dict[str, int | None] | int, name: str, experts: int) -> i
 
 
 def stream_angles(model: onnx.ModelProto, model_dir: Path, manifest: dict,
-                  slots: dict[str, int | None] | int) -> onnx.ModelProto:
+                  slots: dict[str, int | None] | int, lookahead: bool = False) -> onnx.ModelProto:
     """Rewrite, in place and returned, every ButterflyRotate whose angles input is a
     *_angles table in the model's angle file into the streamed form, and remove those
     initializers. `slots`: one count for every table, or {table name: count}; tables not
-    in the dict (or mapped to None) stay resident. Counts ≥ E are clamped to E."""
+    in the dict (or mapped to None) stay resident. Counts ≥ E are clamped to E.
+    `lookahead`: also add the router look-ahead prefetch (add_lookahead)."""
     if isinstance(slots, dict):
         unknown = set(slots) - {t["tensor"] for t in manifest.get("angle_tables", [])}
         if unknown:
@@ -51,6 +61,7 @@ def stream_angles(model: onnx.ModelProto, model_dir: Path, manifest: dict,
     tensors = manifest.get("tensors", {})
     inits = {t.name: t for t in model.graph.initializer}
     streamed: set[str] = set()
+    nodes_of: dict[str, list[onnx.NodeProto]] = {}  # streamed table → its rotate nodes
     users: dict[str, int] = {}  # nodes per initializer (an initializer also read elsewhere stays)
     for node in model.graph.node:
         for i in node.input:
@@ -79,11 +90,118 @@ def stream_angles(model: onnx.ModelProto, model_dir: Path, manifest: dict,
         ])
         users[name] -= 1
         streamed.add(name)
+        nodes_of.setdefault(name, []).append(node)
     keep = [t for t in model.graph.initializer if t.name not in streamed or users.get(t.name, 0) > 0]
     if len(keep) != len(model.graph.initializer):
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
+    if lookahead:
+        add_lookahead(model, nodes_of)
     return model
+
+
+GATE_SUFFIX = "router.gate.weight"
+LOOKAHEAD_META = "bmoe.lookahead_layers"
+
+
+def add_lookahead(model: onnx.ModelProto, nodes_of: dict[str, list[onnx.NodeProto]]) -> int:
+    """Router look-ahead prefetch, in place; returns the number of layers served (also in the
+    model's metadata_props[LOOKAHEAD_META]). `nodes_of`: streamed table → its streamed
+    ButterflyRotate nodes. Router gates are the MatMul/Gemm nodes reading a
+    `<layer>.router.gate.weight` initializer, in graph (= execution) order, each feeding a
+    TopK directly; a layer's tables are the streamed ones named `<layer>...`. For gate i ≥ 1
+    whose layer has streamed tables: Gemm_i(x_{i-1}) → TopK(k_i) → AnglePrefetch per table,
+    chained on x_{i-1} (the input of gate i-1), whose every other consumer then reads the
+    chain's output instead. The caches of a served table's rotate nodes get a cache_key
+    unique to this rewrite, so only this session's nodes share them."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    gates = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2
+             and n.input[1].endswith(GATE_SUFFIX)]
+    token = uuid.uuid4().hex
+    added: list[onnx.NodeProto] = []
+    served = 0
+    for i in range(1, len(gates)):
+        gate, prev = gates[i], gates[i - 1]
+        layer = gate.input[1][: -len(GATE_SUFFIX)]
+        tables = [t for t in nodes_of if t.startswith(layer)]
+        topk = [n for n in graph.node if n.op_type == "TopK" and n.input and n.input[0] == gate.output[0]]
+        if not tables or len(topk) != 1 or len(topk[0].input) < 2 or len(topk[0].output) < 2:
+            continue
+        x = prev.input[0]
+        consumers = [n for n in graph.node if x in n.input]
+        tag = f"bmoe_lookahead_{i}"
+        new = []
+        g = onnx.NodeProto()
+        g.CopyFrom(gate)
+        g.input[0] = x
+        del g.output[:]
+        g.output.append(f"{tag}_logits")
+        g.name = f"{tag}_gate"
+        t = onnx.NodeProto()
+        t.CopyFrom(topk[0])
+        t.input[0] = g.output[0]
+        del t.output[:]
+        t.output.extend([f"{tag}_values", f"{tag}_ids"])
+        t.name = f"{tag}_topk"
+        new += [g, t]
+        cur = x
+        for j, table in enumerate(sorted(tables)):
+            rot = nodes_of[table][0]
+            key = f"{token}/{table}"
+            for r in nodes_of[table]:
+                r.attribute.append(onnx.helper.make_attribute("cache_key", key))
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in rot.attribute
+                     if a.name in ("angle_file", "angle_offset", "angle_experts", "angle_dtype", "cache_slots")}
+            scale = rot.input[3] if len(rot.input) > 3 and rot.input[3] else None
+            out = f"{tag}_x{j}"
+            new.append(onnx.helper.make_node(
+                "AnglePrefetch", [cur, t.output[1]] + ([scale] if scale else []), [out], name=f"{tag}_prefetch{j}",
+                domain=op_schemas.DOMAIN, cache_key=key, **attrs))
+            cur = out
+        for n in consumers:
+            for k, name in enumerate(n.input):
+                if name == x:
+                    n.input[k] = cur
+        added += new
+        served += 1
+    if added:
+        nodes = list(graph.node)
+        # New nodes right after x's producer (ties broken by that position), then a stable topological sort.
+        pos = {id(n): float(k) for k, n in enumerate(nodes)}
+        for k, n in enumerate(added):
+            src = producer.get(n.input[0]) if n.op_type != "TopK" else None
+            pos[id(n)] = (pos[id(src)] if src is not None and id(src) in pos else -1.0) + 0.5 + k * 1e-6
+        ordered = _topo_sort(nodes + added, pos, graph)
+        del graph.node[:]
+        graph.node.extend(ordered)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        LOOKAHEAD_META: str(served)})
+    return served
+
+
+def _topo_sort(nodes: list[onnx.NodeProto], pos: dict[int, float], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Kahn's algorithm, ready nodes taken in `pos` order (the original order where it is valid)."""
+    produced = {o: n for n in nodes for o in n.output if o}
+    deps = {id(n): {id(produced[i]) for i in n.input if i in produced and produced[i] is not n} for n in nodes}
+    users: dict[int, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for d in deps[id(n)]:
+            users.setdefault(d, []).append(n)
+    heap = [(pos[id(n)], k, n) for k, n in enumerate(nodes) if not deps[id(n)]]
+    index = {id(n): k for k, n in enumerate(nodes)}
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        _, _, n = heapq.heappop(heap)
+        out.append(n)
+        for u in users.get(id(n), []):
+            deps[id(u)].discard(id(n))
+            if not deps[id(u)]:
+                heapq.heappush(heap, (pos[id(u)], index[id(u)], u))
+    if len(out) != len(nodes):
+        raise BmoeError("lookahead rewrite made the graph cyclic")  # cannot happen: new nodes only read earlier values
+    return out
 
 
 # ----------------------------------------------------------------------- counters
@@ -107,6 +225,8 @@ def _ort_lib() -> ctypes.CDLL:
             u64p = ctypes.POINTER(ctypes.c_uint64)
             lib.BmoeAngleCacheStats.argtypes = [u64p, u64p, u64p]
             lib.BmoeAngleCacheStats.restype = None
+            lib.BmoeAnglePrefetchStats.argtypes = [u64p, u64p]
+            lib.BmoeAnglePrefetchStats.restype = None
             lib.BmoeAngleCacheReset.argtypes = []
             lib.BmoeAngleCacheReset.restype = None
             _lib = lib
@@ -115,14 +235,18 @@ def _ort_lib() -> ctypes.CDLL:
 
 def cache_stats(backend: str = "ort") -> dict[str, int]:
     """Process-wide totals of the streamed angle caches of `backend`: hits and misses
-    ((call, expert) table look-ups) and angle bytes read from storage."""
+    ((call, expert) table look-ups by ButterflyRotate), angle bytes read from storage (misses'
+    and prefetches'), prefetches (experts read by AnglePrefetch) and prefetch_hits (hits on an
+    entry a prefetch brought in, counted on its first hit)."""
     if backend == "numba":
         return numba_ops.angle_cache_stats()
     if backend != "ort":
         raise BmoeError(f"unknown backend {backend!r}")
-    h, m, b = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64()
-    _ort_lib().BmoeAngleCacheStats(ctypes.byref(h), ctypes.byref(m), ctypes.byref(b))
-    return {"hits": h.value, "misses": m.value, "bytes_read": b.value}
+    h, m, b, p, ph = (ctypes.c_uint64() for _ in range(5))
+    lib = _ort_lib()
+    lib.BmoeAngleCacheStats(ctypes.byref(h), ctypes.byref(m), ctypes.byref(b))
+    lib.BmoeAnglePrefetchStats(ctypes.byref(p), ctypes.byref(ph))
+    return {"hits": h.value, "misses": m.value, "bytes_read": b.value, "prefetches": p.value, "prefetch_hits": ph.value}
 
 
 def reset(backend: str = "ort") -> None:

@@ -7,6 +7,12 @@
 // shared_ptr, so evicting a slot never frees a table that a concurrent Run still
 // uses (it lives until its last user drops it). Totals of all caches in the
 // process are kept in global counters (BmoeAngleCacheStats / BmoeAngleCacheReset).
+//
+// Look-ahead prefetch (docs/ops.md, "AnglePrefetch"): nodes with the same non-empty
+// cache_key attribute share one AngleCache (AngleCache::shared, a process-wide
+// registry of weak references), so an AnglePrefetch node can fill the cache that
+// the ButterflyRotate nodes of the next layer read. An entry inserted by a prefetch
+// is flagged until its first hit (counted as a prefetch hit).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -30,6 +36,12 @@ class AngleCache {
   AngleCache(std::string path, int64_t offset, size_t experts, size_t elem_bytes, size_t slots);
   ~AngleCache();
   AngleCache(const AngleCache&) = delete;
+
+  // The cache for `key`: with an empty key a new one; otherwise the live cache
+  // registered under `key` (created if none). Throws OpError if that cache was
+  // opened with other parameters (file, offset, experts, element size, slots).
+  static std::shared_ptr<AngleCache> shared(const std::string& key, const std::string& path, int64_t offset,
+                                            size_t experts, size_t elem_bytes, size_t slots);
   AngleCache& operator=(const AngleCache&) = delete;
 
   // The cos/sin table of expert `e` for S stages, built by `build` on a miss. `tag`
@@ -43,8 +55,15 @@ class AngleCache {
   // load the misses (any thread; counted), then insert them in a fixed order. With at
   // most `slots` experts in a group, inserting never evicts one of the group's hits.
   Table lookup(size_t e, size_t S, uint32_t tag);
-  Table load(size_t e, size_t S, const Builder& build) const;
-  Table insert(size_t e, size_t S, uint32_t tag, Table table);
+  // `prefetch`: count the read as a prefetch (not a miss) and flag the inserted entry.
+  Table load(size_t e, size_t S, const Builder& build, bool prefetch = false) const;
+  Table insert(size_t e, size_t S, uint32_t tag, Table table, bool prefetch = false);
+
+  // For AnglePrefetch: the S the cached tables are built for (0: no lookup yet), and
+  // whether expert e is cached with `tag` for S (if so it is made most recent, no hit
+  // counted).
+  size_t stages();
+  bool touch(size_t e, size_t S, uint32_t tag);
 
   size_t experts() const { return experts_; }
   size_t slots() const { return slots_; }
@@ -54,6 +73,7 @@ class AngleCache {
   struct Entry {
     Table table;  // null when not cached
     uint32_t tag = 0;
+    bool prefetched = false;  // inserted by a prefetch and not hit since
     std::list<size_t>::iterator lru;  // valid when table != null
   };
   void read_slice(size_t e, size_t bytes, unsigned char* out) const;

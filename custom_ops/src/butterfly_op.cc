@@ -103,7 +103,7 @@ struct Kernel {
   bool transpose;
   RotateFn rotate;
   std::vector<float> const_tables;  // E tables when angles are constant, else empty
-  std::unique_ptr<AngleCache> stream;  // streamed form, else null
+  std::shared_ptr<AngleCache> stream;  // streamed form, else null (shared by cache_key)
   ONNXTensorElementDataType stream_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 
   void compute(OrtKernelContext* ctx) const;
@@ -111,40 +111,11 @@ struct Kernel {
                         const Tensor& scale, OrtKernelContext* ctx) const;
 };
 
-constexpr const char* kStreamAttrs[] = {"angle_offset", "angle_experts", "angle_dtype", "cache_slots"};
-
-// Streamed form's attributes (docs/ops.md); nullptr if angle_file is absent.
-std::unique_ptr<AngleCache> open_stream(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorElementDataType* type) {
-  const std::string file = attr_string(api, info, "angle_file", "");
-  if (file.empty()) {
-    for (const char* a : kStreamAttrs) {
-      bool found = false;
-      attr_int(api, info, a, 0, &found);
-      if (found) throw OpError(std::string("attribute ") + a + " is only allowed with angle_file");
-    }
-    return nullptr;
-  }
-  bool has_e = false, has_t = false, has_c = false;
-  const int64_t offset = attr_int(api, info, "angle_offset", 0);
-  const int64_t E = attr_int(api, info, "angle_experts", 0, &has_e);
-  const int64_t dtype = attr_int(api, info, "angle_dtype", 0, &has_t);
-  const int64_t C = attr_int(api, info, "cache_slots", 0, &has_c);
-  if (offset < 0) throw OpError("attribute angle_offset must be >= 0, got " + std::to_string(offset));
-  if (!has_e || E < 1) throw OpError("attribute angle_experts is required with angle_file and must be >= 1");
-  if (!has_t) throw OpError("attribute angle_dtype is required with angle_file");
-  *type = static_cast<ONNXTensorElementDataType>(dtype);
-  if (!is_angle_type(*type))
-    throw OpError("attribute angle_dtype must be 1 (float32), 10 (float16) or 3 (int8), got " + std::to_string(dtype));
-  if (!has_c || C < 1) throw OpError("attribute cache_slots is required with angle_file and must be >= 1");
-  return std::unique_ptr<AngleCache>(new AngleCache(file, offset, static_cast<size_t>(E), angle_bytes(*type),
-                                                    static_cast<size_t>(C)));
-}
-
 Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
   const int64_t t = attr_int(api, info, "transpose", 0);
   if (t != 0 && t != 1) throw OpError("attribute transpose must be 0 or 1, got " + std::to_string(t));
   std::unique_ptr<Kernel> k(new Kernel{api, t == 1, rotate_for(select_variant()), {}, nullptr});
-  k->stream = open_stream(api, info, &k->stream_type);
+  k->stream = open_angle_stream(api, info, &k->stream_type, false);
   if (k->stream) {
     if (constant_input(api, info, 1).present) throw OpError("input angles must be omitted when angle_file is set");
     return k.release();
@@ -289,13 +260,8 @@ void Kernel::compute_streamed(const float* x, float* Y, size_t M, size_t D, size
       const size_t u = missing[i];
       const float sc = scales ? scales[used[g0 + u]] : 1.0f;
       try {
-        tables[u] = stream->load(used[g0 + u], S, [&](const void* raw, float* out) {
-          Tensor a, s;
-          a.type = type;
-          a.data = raw;
-          s.data = &sc;
-          build_table(a, s, 0, S, out);
-        });
+        tables[u] = stream->load(used[g0 + u], S,
+                                 [&](const void* raw, float* out) { build_stream_table(type, raw, sc, S, out); });
       } catch (const std::exception& ex) {  // parallel_for tasks must not throw
         errors[i] = ex.what();
       } catch (...) {
@@ -325,6 +291,45 @@ void Kernel::compute_streamed(const float* x, float* Y, size_t M, size_t D, size
 }
 
 }  // namespace
+
+constexpr const char* kStreamAttrs[] = {"angle_offset", "angle_experts", "angle_dtype", "cache_slots", "cache_key"};
+
+std::shared_ptr<AngleCache> open_angle_stream(const OrtApi* api, const OrtKernelInfo* info,
+                                              ONNXTensorElementDataType* type, bool required) {
+  const std::string file = attr_string(api, info, "angle_file", "");
+  if (file.empty()) {
+    if (required) throw OpError("attribute angle_file is required");
+    for (const char* a : kStreamAttrs) {
+      bool found = false;
+      if (std::string(a) == "cache_key") found = !attr_string(api, info, a, "").empty();
+      else attr_int(api, info, a, 0, &found);
+      if (found) throw OpError(std::string("attribute ") + a + " is only allowed with angle_file");
+    }
+    return nullptr;
+  }
+  bool has_e = false, has_t = false, has_c = false;
+  const int64_t offset = attr_int(api, info, "angle_offset", 0);
+  const int64_t E = attr_int(api, info, "angle_experts", 0, &has_e);
+  const int64_t dtype = attr_int(api, info, "angle_dtype", 0, &has_t);
+  const int64_t C = attr_int(api, info, "cache_slots", 0, &has_c);
+  const std::string key = attr_string(api, info, "cache_key", "");
+  if (offset < 0) throw OpError("attribute angle_offset must be >= 0, got " + std::to_string(offset));
+  if (!has_e || E < 1) throw OpError("attribute angle_experts is required with angle_file and must be >= 1");
+  if (!has_t) throw OpError("attribute angle_dtype is required with angle_file");
+  *type = static_cast<ONNXTensorElementDataType>(dtype);
+  if (!is_angle_type(*type))
+    throw OpError("attribute angle_dtype must be 1 (float32), 10 (float16) or 3 (int8), got " + std::to_string(dtype));
+  if (!has_c || C < 1) throw OpError("attribute cache_slots is required with angle_file and must be >= 1");
+  return AngleCache::shared(key, file, offset, static_cast<size_t>(E), angle_bytes(*type), static_cast<size_t>(C));
+}
+
+void build_stream_table(ONNXTensorElementDataType type, const void* raw, float scale, size_t S, float* out) {
+  Tensor a, s;
+  a.type = type;
+  a.data = raw;
+  s.data = &scale;
+  build_table(a, s, 0, S, out);
+}
 
 const OpDef kButterflyRotateDef = {
     "ButterflyRotate", 4, 1,

@@ -3,6 +3,7 @@
 #include <onnxruntime_c_api.h>
 
 #include <cstddef>
+#include <memory>
 
 namespace bmoe {
 
@@ -18,5 +19,16 @@ struct OpDef {
 
 extern const OpDef kTernaryMatMulDef;
 extern const OpDef kButterflyRotateDef;
+extern const OpDef kAnglePrefetchDef;
+
+// Shared by ButterflyRotate's streamed form and AnglePrefetch (butterfly_op.cc).
+class AngleCache;
+// The streamed-form attributes (angle_file ... cache_slots, cache_key) validated, and
+// the cache they name (shared by cache_key); nullptr if angle_file is absent and
+// `required` is false. `*type`: the stored angle dtype.
+std::shared_ptr<AngleCache> open_angle_stream(const OrtApi* api, const OrtKernelInfo* info,
+                                              ONNXTensorElementDataType* type, bool required);
+// Fills one expert's cos/sin table (S stages) from its raw stored angles.
+void build_stream_table(ONNXTensorElementDataType type, const void* raw, float scale, size_t S, float* out);
 
 }  // namespace bmoe

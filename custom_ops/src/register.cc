@@ -76,7 +76,8 @@ OrtStatus* register_ops(OrtSessionOptions* options, const OrtApiBase* base) {
   const OrtApi* api = base ? base->GetApi(kOrtApiVersion) : nullptr;
   if (!api) return nullptr;  // ORT older than 1.21: no API to even report the error with
   return guarded(api, "RegisterCustomOps", [&] {
-    static CustomOp ops[] = {make_op(&kTernaryMatMulDef), make_op(&kButterflyRotateDef)};
+    static CustomOp ops[] = {make_op(&kTernaryMatMulDef), make_op(&kButterflyRotateDef),
+                             make_op(&kAnglePrefetchDef)};
     OrtCustomOpDomain* domain = nullptr;
     check_ort(api, api->CreateCustomOpDomain(kDomain, &domain));
     // ORT does not own the domain and it must outlive every session using it:
