@@ -62,8 +62,11 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
               "(default: the device's RAM less its reserved share).")
 @click.option("--context", type=click.IntRange(min=1), help="Context length to plan the KV cache for "
               "(default: prompt + new tokens).")
+@click.option("--lookahead", is_flag=True, help="When angles are streamed, prefetch the next layer's experts "
+              "predicted by its router on the current hidden state.")
 @user_errors
-def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_path, device, budget_mb, context):
+def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_path, device, budget_mb, context,
+            lookahead):
     """Generate text with an exported model (default: the bundled one)."""
     import json
     import sys
@@ -79,7 +82,8 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
     if device or budget_mb or context:  # plan first, then allocate
         plan, threads = _run_plan(model_dir, backend, device or "host", budget_mb, context, threads, prompt, n_new)
         slots = plan[1].cache_experts if plan[1].streaming else None
-    gen = Generator(ModelSession(model_dir, backend, threads, angle_cache_slots=slots))
+    gen = Generator(ModelSession(model_dir, backend, threads, angle_cache_slots=slots,
+                                 lookahead=lookahead and slots is not None))
     click.echo(f"[bmoe] {model_dir} on {backend}", err=True)
     stats = GenerationStats()
     sys.stdout.write(prompt)
@@ -153,8 +157,11 @@ def _run_report(dev, plan, memory: dict, measured_tok_s: float) -> dict:  # Devi
     if plan.streaming:
         counters = cache_stats(plan.settings["backend"])
         out["streaming"].update(counters, mb_streamed=counters["bytes_read"] / MIB)
+        prefetch = (f", {counters['prefetches']} prefetched ({counters['prefetch_hits']} used)"
+                    if counters.get("prefetches") else "")
         click.echo(f"[bmoe] angle cache: {plan.cache_experts}/{plan.n_experts} experts a layer; {counters['hits']} hits, "
-                   f"{counters['misses']} misses, {counters['bytes_read'] / MIB:.2f} MiB read from angles.bin", err=True)
+                   f"{counters['misses']} misses{prefetch}, {counters['bytes_read'] / MIB:.2f} MiB read from angles.bin",
+                   err=True)
     if not dev.is_host:
         click.echo(f"[bmoe] NOT run on {dev.name}: ran on this host with {plan.settings['threads']} threads "
                    f"(at most {dev.name}'s {dev.cores} cores); the memory above is this host's", err=True)
