@@ -12,37 +12,12 @@ import math
 import torch
 from torch import nn
 
-
-def padded_size(d: int) -> int:
-    """Next power of two ≥ d (the butterfly works on P = 2^S coordinates)."""
-    if d < 2:
-        raise ValueError(f"butterfly size must be ≥ 2, got {d}")
-    return 1 << (d - 1).bit_length()
-
-
-def n_stages(d: int) -> int:
-    return padded_size(d).bit_length() - 1
-
-
-def angle_shape(d: int) -> tuple[int, int]:
-    """(stages, pairs per stage) of one butterfly over d coordinates."""
-    return n_stages(d), padded_size(d) // 2
+from .butterfly_layout import active_mask, angle_shape, n_stages, padded_size  # noqa: F401 (re-exported)
 
 
 def active_pairs(d: int) -> torch.Tensor:
-    """[S, P/2] bool: pair k of stage s is a real rotation (both ends < d).
-
-    Pairs that would mix a real coordinate with zero padding stay identity, so the
-    d×d operator is exactly orthogonal for any d (not only powers of two).
-    """
-    s_count, half = angle_shape(d)
-    k = torch.arange(half)
-    rows = []
-    for s in range(s_count):
-        h = 1 << s
-        j = ((k >> s) << (s + 1)) | (k & (h - 1))
-        rows.append(j + h < d)
-    return torch.stack(rows)
+    """[S, P/2] bool mask of the real rotations (see butterfly_layout.active_mask)."""
+    return torch.from_numpy(active_mask(d))
 
 
 def butterfly_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:

@@ -6,7 +6,7 @@ against a 1.58-bit prototype plus fp16 angles); `model_memory` counts everything
 
 from __future__ import annotations
 
-from .butterfly import angle_shape
+from .butterfly_layout import angle_shape
 from .model import ModelConfig
 
 TRIT_BITS = {"1.58": 1.58, "1.6": 1.6, "2": 2.0}  # ideal log2(3) as the paper counts; base-3 packing; 2-bit packing

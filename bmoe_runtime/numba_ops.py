@@ -19,6 +19,7 @@ from collections import OrderedDict
 import numpy as np
 from numba import njit, prange
 
+from .butterfly_layout import active_mask, angle_shape, n_stages, padded_size
 from .packing import TRITS_PER_BYTE, packed_cols
 
 
@@ -140,11 +141,11 @@ _ternary_kernels = (njit(cache=True)(_ternary_rows), njit(parallel=True, cache=T
 _rotate_kernels = (njit(cache=True)(_rotate_rows), njit(parallel=True, cache=True)(_rotate_rows))
 
 
-def _active(d: int) -> np.ndarray:
-    p = 1 << (d - 1).bit_length()
-    s_count = p.bit_length() - 1
-    k = np.arange(p // 2)
-    return np.stack([((((k >> s) << (s + 1)) | (k & ((1 << s) - 1))) + (1 << s)) < d for s in range(s_count)])
+def _cos_sin(theta: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables [..., S, P/2] of float32 angles; inactive pairs hold 1 and 0."""
+    active = active_mask(d)
+    return (np.where(active, np.cos(theta), np.float32(1)).astype(np.float32),
+            np.where(active, np.sin(theta), np.float32(0)).astype(np.float32))
 
 
 def _check_x(x: np.ndarray, transpose: int) -> tuple[int, int, int, int]:
@@ -153,8 +154,7 @@ def _check_x(x: np.ndarray, transpose: int) -> tuple[int, int, int, int]:
     if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] < 2:
         raise OpError(f"ButterflyRotate: X must be 2-D float32 with D ≥ 2, got {x.dtype} {x.shape}")
     m, d = x.shape
-    p = 1 << (d - 1).bit_length()
-    return m, d, p, p.bit_length() - 1
+    return m, d, padded_size(d), n_stages(d)
 
 
 def _check_index_scale(m: int, e_count: int, dtype, expert_index, angle_scale):
@@ -195,9 +195,7 @@ def butterfly_rotate(x: np.ndarray, angles: np.ndarray, expert_index: np.ndarray
     theta = angles[used].astype(np.float32)
     if angles.dtype == np.int8:
         theta *= angle_scale[used][:, None, None]
-    active = _active(d)
-    cos_t = np.where(active, np.cos(theta), np.float32(1)).astype(np.float32)
-    sin_t = np.where(active, np.sin(theta), np.float32(0)).astype(np.float32)
+    cos_t, sin_t = _cos_sin(theta, d)
     kernel = _rotate_kernels[m * p * s_count >= PARALLEL_MIN_WORK]
     return kernel(np.ascontiguousarray(x), cos_t, sin_t, row_table.astype(np.int64), bool(transpose))
 
@@ -315,15 +313,12 @@ class AngleStream:
 
     def load(self, e: int, d: int, scale: float, prefetch: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Read expert e's slice and build its cos, sin [S, P/2] for width d (inactive pairs: 1, 0)."""
-        p = 1 << (d - 1).bit_length()
-        s_count = p.bit_length() - 1
-        nbytes = s_count * (p // 2) * self.dtype.itemsize
-        theta = np.frombuffer(self._read(e, nbytes), self.dtype).reshape(s_count, p // 2).astype(np.float32)
+        s_count, half = angle_shape(d)
+        nbytes = s_count * half * self.dtype.itemsize
+        theta = np.frombuffer(self._read(e, nbytes), self.dtype).reshape(s_count, half).astype(np.float32)
         if self.dtype == np.int8:
             theta *= np.float32(scale)
-        active = _active(d)
-        cos_t = np.where(active, np.cos(theta), np.float32(1)).astype(np.float32)
-        sin_t = np.where(active, np.sin(theta), np.float32(0)).astype(np.float32)
+        cos_t, sin_t = _cos_sin(theta, d)
         if prefetch:
             _count(prefetches=1, bytes_read=nbytes)
         else:
@@ -373,7 +368,7 @@ class AngleStream:
     def group(self, experts: list[int], d: int, scales: list[float]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Tables of ≤ slots experts: hits first (made most recent), then the misses read and
         inserted in order, so no expert of the group evicts another (as the C++ kernel)."""
-        s_count = (1 << (d - 1).bit_length()).bit_length() - 1
+        s_count = n_stages(d)
         with self._lock:
             if d != self._dim:  # the cos/sin tables depend on D (inactive pairs), not only on S
                 self._lru.clear()

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace bmoe {
 namespace ternary {
@@ -29,6 +30,24 @@ using F32Kernel = bool (*)(const float* A, size_t M, size_t Kp, const uint8_t* W
 // qsum[m] = Σ_k Q[m, k] (for kernels that multiply by t+1 ∈ {0,1,2} as unsigned bytes).
 using I8Kernel = bool (*)(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M, size_t Kp,
                           const uint8_t* W, size_t Kb, size_t N, const float* scale, float* Y, size_t ldy);
+
+// fn(m0, std::integral_constant<int, R>) over rows [0, M): blocks of R = Max rows, then one block of
+// the M % Max left, so register-blocked kernels get their row count as a compile-time constant.
+// `static` for the same reason as chunk_ptr below.
+template <int R, class Fn>
+static inline void tail_row_block(size_t rows, size_t m0, Fn& fn) {
+  if constexpr (R > 0) {
+    if (rows == R) fn(m0, std::integral_constant<int, R>());
+    else tail_row_block<R - 1>(rows, m0, fn);
+  }
+}
+
+template <int Max, class Fn>
+static inline void for_row_blocks(size_t M, Fn&& fn) {
+  size_t m = 0;
+  for (; m + Max <= M; m += Max) fn(m, std::integral_constant<int, Max>());
+  tail_row_block<Max - 1>(M - m, m, fn);
+}
 
 // Pointer to the `bytes` bytes of chunk c of a row; the row's last partial chunk
 // is copied into `buf` and zero-padded. `static`: SIMD files are built with other

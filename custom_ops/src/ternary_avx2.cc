@@ -87,25 +87,13 @@ void rows_i8(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t K
   for (int m = 0; m < R; ++m) Y[m * ldy] = qscale[m] * sc * static_cast<float>(hsum(acc[m]) - qsum[m]);
 }
 
-template <class Fn>
-void for_row_blocks(size_t M, Fn&& fn) {
-  size_t m = 0;
-  for (; m + 4 <= M; m += 4) fn(m, std::integral_constant<int, 4>());
-  switch (M - m) {
-    case 3: fn(m, std::integral_constant<int, 3>()); break;
-    case 2: fn(m, std::integral_constant<int, 2>()); break;
-    case 1: fn(m, std::integral_constant<int, 1>()); break;
-    default: break;
-  }
-}
-
 }  // namespace
 
 bool f32_avx2(const float* A, size_t M, size_t Kp, const uint8_t* W, size_t Kb, size_t N, const float* scale,
               float* Y, size_t ldy) {
   __m128i bad = _mm_setzero_si128();
   for (size_t n = 0; n < N; ++n)
-    for_row_blocks(M, [&](size_t m0, auto R) {
+    for_row_blocks<4>(M, [&](size_t m0, auto R) {
       rows_f32<decltype(R)::value>(A + m0 * Kp, Kp, W + n * Kb, Kb, scale[n], Y + m0 * ldy + n, ldy, bad);
     });
   return any_bad(bad);
@@ -115,7 +103,7 @@ bool i8_avx2(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M
              size_t Kb, size_t N, const float* scale, float* Y, size_t ldy) {
   __m128i bad = _mm_setzero_si128();
   for (size_t n = 0; n < N; ++n)
-    for_row_blocks(M, [&](size_t m0, auto R) {
+    for_row_blocks<4>(M, [&](size_t m0, auto R) {
       rows_i8<decltype(R)::value>(Q + m0 * Kp, qscale + m0, qsum + m0, Kp, W + n * Kb, Kb, scale[n],
                                   Y + m0 * ldy + n, ldy, bad);
     });

@@ -135,22 +135,6 @@ __attribute__((noinline)) void micro_8x32(const float* A, size_t lda, const floa
   }
 }
 
-template <class Fn>
-void for_mr_blocks(size_t M, Fn&& fn) {  // fn(m0, std::integral_constant MR)
-  size_t m = 0;
-  for (; m + kMr <= M; m += kMr) fn(m, std::integral_constant<int, kMr>());
-  switch (M - m) {
-    case 7: fn(m, std::integral_constant<int, 7>()); break;
-    case 6: fn(m, std::integral_constant<int, 6>()); break;
-    case 5: fn(m, std::integral_constant<int, 5>()); break;
-    case 4: fn(m, std::integral_constant<int, 4>()); break;
-    case 3: fn(m, std::integral_constant<int, 3>()); break;
-    case 2: fn(m, std::integral_constant<int, 2>()); break;
-    case 1: fn(m, std::integral_constant<int, 1>()); break;
-    default: break;
-  }
-}
-
 bool f32_gemm(const float* A, size_t M, size_t Kp, const uint8_t* W, size_t Kb, size_t N, const float* scale,
               float* Y, size_t ldy) {
   __m512i bad = _mm512_setzero_si512();
@@ -163,7 +147,7 @@ bool f32_gemm(const float* A, size_t M, size_t Kp, const uint8_t* W, size_t Kb, 
       const size_t kc = std::min(kKc, Kp - k0);
       decode_panel(W + n0 * Kb, Kb, nr, k0, kc, tile, bad);
       const bool first = k0 == 0, last = k0 + kc == Kp;
-      for_mr_blocks(M, [&](size_t m, auto MR) {
+      for_row_blocks<kMr>(M, [&](size_t m, auto MR) {
         micro_8x32<decltype(MR)::value>(A + m * Kp + k0, Kp, tile, kc, Y + m * ldy + n0, ldy, m0, m1, first, last,
                                         scale + n0);
       });
@@ -261,7 +245,7 @@ bool f32_avx512(const float* A, size_t M, size_t Kp, const uint8_t* W, size_t Kb
   if (M >= kGemmMinM) return f32_gemm(A, M, Kp, W, Kb, N, scale, Y, ldy);
   __m128i bad = _mm_setzero_si128();
   for (size_t n = 0; n < N; ++n)
-    for_row_blocks(M, [&](size_t m0, auto R) {
+    for_row_blocks<8>(M, [&](size_t m0, auto R) {
       rows_f32<decltype(R)::value>(A + m0 * Kp, Kp, W + n * Kb, Kb, scale[n], Y + m0 * ldy + n, ldy, bad);
     });
   return any_bad(bad);
@@ -271,7 +255,7 @@ bool i8_avx512(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t
                size_t Kb, size_t N, const float* scale, float* Y, size_t ldy) {
   __m512i bad = _mm512_setzero_si512();
   for (size_t n = 0; n < N; ++n)
-    for_row_blocks(M, [&](size_t m0, auto R) {
+    for_row_blocks<8>(M, [&](size_t m0, auto R) {
       rows_i8<decltype(R)::value>(Q + m0 * Kp, qscale + m0, qsum + m0, Kp, W + n * Kb, Kb, scale[n],
                                   Y + m0 * ldy + n, ldy, bad);
     });

@@ -26,22 +26,6 @@ inline __m512i decode_u8(__m512i x, int s) {
   return _mm512_shuffle_epi8(lut, codes);
 }
 
-template <class Fn>
-void for_row_blocks(size_t M, Fn&& fn) {  // fn(m0, std::integral_constant R)
-  size_t m = 0;
-  for (; m + 8 <= M; m += 8) fn(m, std::integral_constant<int, 8>());
-  switch (M - m) {
-    case 7: fn(m, std::integral_constant<int, 7>()); break;
-    case 6: fn(m, std::integral_constant<int, 6>()); break;
-    case 5: fn(m, std::integral_constant<int, 5>()); break;
-    case 4: fn(m, std::integral_constant<int, 4>()); break;
-    case 3: fn(m, std::integral_constant<int, 3>()); break;
-    case 2: fn(m, std::integral_constant<int, 2>()); break;
-    case 1: fn(m, std::integral_constant<int, 1>()); break;
-    default: break;
-  }
-}
-
 }  // namespace
 }  // namespace ternary
 }  // namespace bmoe

@@ -35,7 +35,7 @@ bool i8_avx512vnni(const int8_t* Q, const float* qscale, const int32_t* qsum, si
                    const uint8_t* W, size_t Kb, size_t N, const float* scale, float* Y, size_t ldy) {
   __m512i bad = _mm512_setzero_si512();
   for (size_t n = 0; n < N; ++n)
-    for_row_blocks(M, [&](size_t m0, auto R) {
+    for_row_blocks<8>(M, [&](size_t m0, auto R) {
       rows_vnni<decltype(R)::value>(Q + m0 * Kp, qscale + m0, qsum + m0, Kp, W + n * Kb, Kb, scale[n],
                                     Y + m0 * ldy + n, ldy, bad);
     });
