@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bmoe_runtime.checkpoint import load_model  # noqa: E402
-from bmoe_runtime.data import load_corpus  # noqa: E402
-from bmoe_runtime.generate import Generator  # noqa: E402
-from bmoe_runtime.session import ModelSession  # noqa: E402
+from bmoe_runtime.train.checkpoint import load_model  # noqa: E402
+from bmoe_runtime.train.data import load_corpus  # noqa: E402
+from bmoe_runtime.runtime.generate import Generator  # noqa: E402
+from bmoe_runtime.runtime.session import ModelSession  # noqa: E402
 from exporters import ExportOptions, export_checkpoint  # noqa: E402
 
 OPTIONS = [("2bit", "fp32"), ("2bit", "fp16"), ("base3", "fp16"), ("2bit", "int8"), ("base3", "int8")]

@@ -22,8 +22,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bmoe_runtime import ort_ops  # noqa: E402
-from bmoe_runtime.packing import pack_trits  # noqa: E402
+from bmoe_runtime.backends import ort_ops  # noqa: E402
+from bmoe_runtime.format.packing import pack_trits  # noqa: E402
 
 CHAIN = 32  # ButterflyRotate / its dense baseline: nodes per graph, to amortise Run() overhead
 

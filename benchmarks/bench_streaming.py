@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bmoe_runtime import default_model_dir, ort_ops, streaming  # noqa: E402
-from bmoe_runtime.generate import GenerationStats, Generator  # noqa: E402
-from bmoe_runtime.session import ModelSession  # noqa: E402
+from bmoe_runtime.runtime.generate import GenerationStats, Generator  # noqa: E402
+from bmoe_runtime.runtime.session import ModelSession  # noqa: E402
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
 SECTION = "## Streaming: hit rate and speed against cache size"

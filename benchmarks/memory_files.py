@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bmoe_runtime import ButterflyMoE  # noqa: E402
-from bmoe_runtime.memory import paper_expert_ratio  # noqa: E402
+from bmoe_runtime.nn.memory import paper_expert_ratio  # noqa: E402
 from exporters import ExportOptions, export_module  # noqa: E402
 
 D, D_FF = 512, 2048

@@ -6,8 +6,11 @@ Public API for putting ButterflyMoE layers into your own modules:
     layer = ButterflyMoE(d_model=256, d_ff=1024, n_experts=64, top_k=2)
     loss = task_loss + 0.01 * balance_loss(model)
 
-The training API needs torch; it is imported on first use, so the runtime
-(`bmoe_runtime.session`, `bmoe-run`) never loads torch (~200 MiB of RSS on a device).
+Two halves, imports flowing one way (tests/test_import_contract.py):
+  torch-free, ships to a device: format/ (file layout), runtime/ (session, generation, streaming),
+                                 backends/ (C++ ops via ORT, Numba reference), planning/ (devices, planner)
+  torch side, training only:     nn/ (model), train/ (trainer, corpus, checkpoints); exporters/ (top level)
+The torch names below are imported on first use, so `bmoe-run` never loads torch.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-_LAZY = {
-    "ButterflyRotation": "butterfly", "ButterflyMoE": "moe", "ButterflyExperts": "moe",
-    "IndependentExperts": "moe", "balance_loss": "moe", "ModelConfig": "model", "MoELM": "model",
-    "quantize": "ternary", "fake_quantize": "ternary", "model_memory": "memory", "paper_expert_ratio": "memory",
+_LAZY = {  # name -> module; the torch side (nn) is imported only when one of its names is used
+    "ButterflyRotation": "nn.butterfly", "ButterflyMoE": "nn.moe", "ButterflyExperts": "nn.moe",
+    "IndependentExperts": "nn.moe", "balance_loss": "nn.moe", "ModelConfig": "nn.model", "MoELM": "nn.model",
+    "quantize": "nn.ternary", "fake_quantize": "nn.ternary", "model_memory": "nn.memory",
+    "paper_expert_ratio": "nn.memory",
+    "ModelSession": "runtime.session", "Generator": "runtime.generate",
 }
 __all__ = [*_LAZY, "default_model_dir"]
 

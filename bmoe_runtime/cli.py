@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .errors import user_errors
-from .choices import EXPERT_FORMS, PRESET_NAMES, VARIANTS
+from bmoe_runtime.errors import user_errors
+from bmoe_runtime.choices import EXPERT_FORMS, PRESET_NAMES, VARIANTS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,7 +34,7 @@ from .choices import EXPERT_FORMS, PRESET_NAMES, VARIANTS
 def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, steps, batch, seq, lr,
               eval_every, per_tensor_scale, tokenizer, bpe_vocab, device, seed, resume):
     """Train a ButterflyMoE language model (or a baseline) on a text corpus."""
-    from .train import train
+    from bmoe_runtime.train.trainer import train
 
     model = {"variant": variant, "expert_form": expert_form, "n_experts": experts, "top_k": top_k,
              "d_model": d_model, "d_ff": d_ff, "n_layers": layers}
@@ -71,9 +71,11 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
     import json
     import sys
 
-    from .generate import GenerationStats, Generator
-    from .session import ModelSession
-    from . import default_model_dir, ort_ops, ram
+    from bmoe_runtime.runtime.generate import GenerationStats, Generator
+    from bmoe_runtime.runtime.session import ModelSession
+    from bmoe_runtime import default_model_dir
+    from bmoe_runtime.backends import ort_ops
+    from bmoe_runtime.planning import ram
 
     model_dir = model_dir or default_model_dir()
     if backend == "auto":
@@ -112,11 +114,11 @@ def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, con
     import json
     from pathlib import Path
 
-    from .devices import resolve_device
-    from .errors import BmoeError
-    from .manifest import read_manifest
-    from .planner import MIB, Settings, make_plan, refusal
-    from .tokenizer import tokenizer_from_dict
+    from bmoe_runtime.planning.devices import resolve_device
+    from bmoe_runtime.errors import BmoeError
+    from bmoe_runtime.format.manifest import read_manifest
+    from bmoe_runtime.planning.planner import MIB, Settings, make_plan, refusal
+    from bmoe_runtime.format.tokenizer import tokenizer_from_dict
 
     dev = resolve_device(device)
     manifest = read_manifest(model_dir, verify=False)  # the session verifies checksums when it loads
@@ -140,8 +142,8 @@ def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, con
 
 def _run_report(dev, plan, memory: dict, measured_tok_s: float) -> dict:  # Device, Plan
     """Planned vs measured memory, the angle cache's counters; off the device, a labelled estimate of its speed."""
-    from .planner import MIB
-    from .streaming import cache_stats
+    from bmoe_runtime.planning.planner import MIB
+    from bmoe_runtime.runtime.streaming import cache_stats
 
     peak = memory["peak_rss_bytes"]
     ratio = peak / plan.peak_bytes if peak else None
@@ -182,7 +184,7 @@ def _run_report(dev, plan, memory: dict, measured_tok_s: float) -> dict:  # Devi
 @user_errors
 def devices_cli():
     """List the device profiles (and this host) the planner knows."""
-    from .devices import ALIASES, all_devices
+    from bmoe_runtime.planning.devices import ALIASES, all_devices
 
     def num(v, fmt: str) -> str:
         return "unknown" if v is None else format(v, fmt)
@@ -211,11 +213,12 @@ def plan_cli(model_dir, device, budget_mb, context, batch, backend, json_path):
     """Plan memory for running MODEL_DIR on a device (default model: the bundled one)."""
     import json
 
-    from . import default_model_dir, ort_ops
-    from .devices import resolve_device
-    from .errors import BmoeError
-    from .manifest import read_manifest
-    from .planner import MIB, Settings, make_plan, refusal
+    from bmoe_runtime import default_model_dir
+    from bmoe_runtime.backends import ort_ops
+    from bmoe_runtime.planning.devices import resolve_device
+    from bmoe_runtime.errors import BmoeError
+    from bmoe_runtime.format.manifest import read_manifest
+    from bmoe_runtime.planning.planner import MIB, Settings, make_plan, refusal
 
     model_dir = model_dir or default_model_dir()
     if backend == "auto":

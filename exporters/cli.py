@@ -7,7 +7,7 @@ import json
 import click
 
 from bmoe_runtime.errors import user_errors
-from bmoe_runtime.packing import PACKINGS
+from bmoe_runtime.format.packing import PACKINGS
 
 from .packed import ANGLE_DTYPES
 

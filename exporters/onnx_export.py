@@ -25,11 +25,11 @@ import onnx
 import torch
 from torch import nn
 
-from bmoe_runtime import op_schemas
-from bmoe_runtime.checkpoint import load_model
-from bmoe_runtime.manifest import MANIFEST, build_manifest, tensor_kind
-from bmoe_runtime.model import MoELM
-from bmoe_runtime.packing import PACKINGS
+from bmoe_runtime.format import op_schemas
+from bmoe_runtime.train.checkpoint import load_model
+from bmoe_runtime.format.manifest import MANIFEST, build_manifest, tensor_kind
+from bmoe_runtime.nn.model import MoELM
+from bmoe_runtime.format.packing import PACKINGS
 
 from .packed import ANGLE_DTYPES, pack_banks
 from .torch_ops import TRANSLATIONS

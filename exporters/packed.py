@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmoe_runtime.moe import ButterflyExperts, IndependentExperts
-from bmoe_runtime.packing import pack_trits
-from bmoe_runtime.ternary import quantize
+from bmoe_runtime.nn.moe import ButterflyExperts, IndependentExperts
+from bmoe_runtime.format.packing import pack_trits
+from bmoe_runtime.nn.ternary import quantize
 
 from . import torch_ops  # noqa: F401  (registers torch.ops.bmoe.*)
 

@@ -12,9 +12,9 @@ import numpy as np
 import onnxscript
 import torch
 
-from bmoe_runtime import op_schemas
-from bmoe_runtime.butterfly import active_pairs, butterfly_apply
-from bmoe_runtime.packing import unpack_trits
+from bmoe_runtime.format import op_schemas
+from bmoe_runtime.nn.butterfly import active_pairs, butterfly_apply
+from bmoe_runtime.format.packing import unpack_trits
 
 op_schemas.register()  # onnxscript resolves ai.bmoe ops through the registered schemas
 _bmoe = onnxscript.values.Opset(op_schemas.DOMAIN, op_schemas.VERSION)

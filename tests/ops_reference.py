@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bmoe_runtime.packing import unpack_trits
+from bmoe_runtime.format.packing import unpack_trits
 
 
 def stages(d: int) -> tuple[int, int]:

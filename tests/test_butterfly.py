@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmoe_runtime.butterfly import ButterflyRotation, active_pairs, angle_shape, padded_size
+from bmoe_runtime.nn.butterfly import ButterflyRotation, active_pairs, angle_shape, padded_size
 
 DIMS = [2, 3, 64, 512, 768]
 

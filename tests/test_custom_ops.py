@@ -10,8 +10,8 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from bmoe_runtime import ort_ops  # noqa: E402
-from bmoe_runtime.packing import pack_trits  # noqa: E402
+from bmoe_runtime.backends import ort_ops  # noqa: E402
+from bmoe_runtime.format.packing import pack_trits  # noqa: E402
 
 from ops_reference import butterfly_rotate, stages, ternary_matmul  # noqa: E402
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bmoe_runtime import devices
+from bmoe_runtime.planning import devices
 from bmoe_runtime.cli import main_cli
-from bmoe_runtime.devices import resolve_device
+from bmoe_runtime.planning.devices import resolve_device
 from bmoe_runtime.errors import BmoeError
 
 GOOD = {"arch": '"aarch64"', "ram_mb": "4096", "reserved_fraction": "0.2", "mem_bandwidth_gbs": "17",

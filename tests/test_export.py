@@ -13,14 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from bmoe_runtime import ButterflyMoE, ort_ops
-from bmoe_runtime.checkpoint import save_checkpoint
+from bmoe_runtime import ButterflyMoE
+
+from bmoe_runtime.backends import ort_ops
+from bmoe_runtime.train.checkpoint import save_checkpoint
 from bmoe_runtime.errors import BmoeError
-from bmoe_runtime.generate import Generator
-from bmoe_runtime.model import ModelConfig, MoELM
-from bmoe_runtime.numba_ops import OpError, butterfly_rotate
-from bmoe_runtime.session import ModelSession
-from bmoe_runtime.tokenizer import ByteTokenizer
+from bmoe_runtime.runtime.generate import Generator
+from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.backends.numba_ops import OpError, butterfly_rotate
+from bmoe_runtime.runtime.session import ModelSession
+from bmoe_runtime.format.tokenizer import ByteTokenizer
 from exporters import ExportOptions, export_checkpoint, export_module
 
 REPO = Path(__file__).resolve().parents[1]

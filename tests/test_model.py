@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bmoe_runtime.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
-from bmoe_runtime.memory import model_memory, paper_expert_ratio
-from bmoe_runtime.model import ModelConfig, MoELM
-from bmoe_runtime.moe import VARIANTS
-from bmoe_runtime.tokenizer import ByteTokenizer
+from bmoe_runtime.train.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from bmoe_runtime.nn.memory import model_memory, paper_expert_ratio
+from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.nn.moe import VARIANTS
+from bmoe_runtime.format.tokenizer import ByteTokenizer
 
 TINY = dict(vocab_size=64, d_model=24, n_layers=2, n_heads=3, d_ff=40, n_experts=4, top_k=2, max_seq=32)
 

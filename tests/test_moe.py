@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from bmoe_runtime.moe import VARIANTS, ButterflyExperts, ButterflyMoE, IndependentExperts, balance_loss, make_experts
-from bmoe_runtime.ternary import quantize
+from bmoe_runtime.nn.moe import VARIANTS, ButterflyExperts, ButterflyMoE, IndependentExperts, balance_loss, make_experts
+from bmoe_runtime.nn.ternary import quantize
 
 FORMS = ["paper", "ffn"]
 

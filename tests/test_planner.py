@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bmoe_runtime import default_model_dir, ort_ops
+from bmoe_runtime import default_model_dir
+
+from bmoe_runtime.backends import ort_ops
 from bmoe_runtime.cli import main_cli
-from bmoe_runtime.devices import resolve_device, validate
+from bmoe_runtime.planning.devices import resolve_device, validate
 from bmoe_runtime.errors import BmoeError
-from bmoe_runtime.manifest import read_manifest
-from bmoe_runtime.planner import MIB, Settings, make_plan, refusal
+from bmoe_runtime.format.manifest import read_manifest
+from bmoe_runtime.planning.planner import MIB, Settings, make_plan, refusal
 
 REPO = Path(__file__).resolve().parents[1]
 OVERHEAD = (100 * MIB, "given")

@@ -1,4 +1,4 @@
-"""Streamed expert angles (bmoe_runtime/streaming.py): a bounded cache filled from angles.bin
+"""Streamed expert angles (bmoe_runtime/runtime/streaming.py): a bounded cache filled from angles.bin
 on demand gives exactly the resident model's logits and tokens, in both backends."""
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import numpy as np
 import onnx
 import pytest
 
-from bmoe_runtime import numba_ops, ort_ops, streaming
+from bmoe_runtime.backends import numba_ops
+
+from bmoe_runtime.backends import ort_ops
+
+from bmoe_runtime.runtime import streaming
 from bmoe_runtime.errors import BmoeError
-from bmoe_runtime.generate import Generator
-from bmoe_runtime.session import ModelSession
+from bmoe_runtime.runtime.generate import Generator
+from bmoe_runtime.runtime.session import ModelSession
 from exporters import ExportOptions, export_checkpoint
 
 from test_export import make_checkpoint

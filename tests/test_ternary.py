@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bmoe_runtime.packing import BITS_PER_WEIGHT, pack_trits, packed_cols, unpack_trits
-from bmoe_runtime.ternary import EPS, absmean_scale, fake_quantize, quantize
+from bmoe_runtime.format.packing import BITS_PER_WEIGHT, pack_trits, packed_cols, unpack_trits
+from bmoe_runtime.nn.ternary import EPS, absmean_scale, fake_quantize, quantize
 
 W = torch.tensor([[0.5, -1.0, 0.1, 2.0],  # mean|w| = 0.9 → w/s = .56, -1.11, .11, 2.22
                   [0.0, 0.3, -0.2, 0.1]])  # mean|w| = 0.15 → 0, 2, -1.33, .67

@@ -11,12 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bmoe_runtime.train as train_mod
-from bmoe_runtime.checkpoint import load_model, read_checkpoint, save_checkpoint
+import bmoe_runtime.train.trainer as train_mod
+from bmoe_runtime.train.checkpoint import load_model, read_checkpoint, save_checkpoint
 from bmoe_runtime.cli import train_cli
-from bmoe_runtime.model import ModelConfig, MoELM
-from bmoe_runtime.tokenizer import BPETokenizer, ByteTokenizer
-from bmoe_runtime.train import TrainConfig, train
+from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.format.tokenizer import BPETokenizer, ByteTokenizer
+from bmoe_runtime.train.trainer import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--batch", "8", "--seq", "32", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--experts", "4"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bmoe_runtime.memory import expert_bytes, model_memory  # noqa: E402
-from bmoe_runtime.model import ModelConfig  # noqa: E402
+from bmoe_runtime.nn.memory import expert_bytes, model_memory  # noqa: E402
+from bmoe_runtime.nn.model import ModelConfig  # noqa: E402
 
 
 def _read(p: Path) -> str | None:
@@ -51,7 +51,7 @@ def strip(src: Path, dst: Path, sample: Path | None) -> None:
     torch.save(ckpt, dst)
     print(f"{dst}: {dst.stat().st_size / 2**20:.2f} MiB")
     if sample:
-        from bmoe_runtime.checkpoint import load_model
+        from bmoe_runtime.train.checkpoint import load_model
         model, tok, _ = load_model(dst)
         lines = []
         for prompt in ("ROMEO:", "First Citizen:\n"):

@@ -32,7 +32,7 @@ for n in 8 64; do
   done
 done
 CMD[wt_butterfly_n256]="$WTC --variant butterfly --experts 256 --expert-form paper"
-# dense non-MoE FFNs of the butterfly N=8 layer's expert bytes (432,374 B/layer, bmoe_runtime.memory):
+# dense non-MoE FFNs of the butterfly N=8 layer's expert bytes (432,374 B/layer, bmoe_runtime.nn.memory):
 # d_ff 106: whole FFN (up + down, fp32) = 434,176 B; d_ff 211: the up matrix alone (what memory.py calls experts) = 432,128 B
 CMD[wt_densefnn_ff106]="$WTC --variant dense --experts 1 --top-k 1 --d-ff 106 --expert-form paper"
 CMD[wt_densefnn_ff211]="$WTC --variant dense --experts 1 --top-k 1 --d-ff 211 --expert-form paper"

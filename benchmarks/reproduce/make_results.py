@@ -3,7 +3,7 @@
     python benchmarks/reproduce/make_results.py          # rewrites the block between the markers in docs/results.md
     python benchmarks/reproduce/make_results.py --print  # tables to stdout only
 
-Expert memory is bmoe_runtime.memory.model_memory's count (1.58-bit trits + fp32 row scales,
+Expert memory is bmoe_runtime.nn.memory.model_memory's count (1.58-bit trits + fp32 row scales,
 fp16 angles, dense experts fp32), summed over the 4 layers; the column for sizes measured from
 exported files comes from docs/memory.json (benchmarks/memory_files.py: one exported layer at
 d 512, d_ff 2048, 2-bit trits + fp16 angles, bytes read from the files) times the layer count.

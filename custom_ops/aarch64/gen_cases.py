@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper, save
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bmoe_runtime.packing import pack_trits  # noqa: E402
+from bmoe_runtime.format.packing import pack_trits  # noqa: E402
 from ops_reference import butterfly_rotate, stages, ternary_matmul  # noqa: E402
 
 DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int8): "int8",
@@ -242,7 +242,7 @@ def error_cases(w: Writer):
 # ----------------------------------------------------------------------- exported LM
 
 def lm_cases(w: Writer, model_dir: Path):
-    from bmoe_runtime.session import ModelSession
+    from bmoe_runtime.runtime.session import ModelSession
 
     sess = ModelSession(model_dir, backend="numba")
     files = [model_dir / f for f in ("model.onnx", "weights.bin", "angles.bin")]

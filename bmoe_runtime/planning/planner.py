@@ -6,7 +6,7 @@ streamed: peak = runtime + copies·weights + c·cos/sin tables (the angle cache)
                 + max(load transient, KV cache + activations)
 
 All angles stay resident when that fits. Otherwise angles are streamed from angles.bin
-(bmoe_runtime.streaming) into a cache of c experts a layer: the largest c in
+(bmoe_runtime.runtime.streaming) into a cache of c experts a layer: the largest c in
 [top_k, n_experts] under the budget wins; if even c = top_k does not fit, the plan is
 refused. Every term is listed in docs/planner.md
 with the measurements behind it. Sizes are bytes; MiB = 2^20 bytes.
@@ -21,8 +21,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .devices import Device
-from .errors import BmoeError
+from bmoe_runtime.planning.devices import Device
+from bmoe_runtime.errors import BmoeError
 
 MIB = 2**20
 F32 = 4
@@ -111,13 +111,13 @@ class Plan:
 _PROBE = r"""
 import sys
 import numpy as np
-import bmoe_runtime.cli, bmoe_runtime.generate, bmoe_runtime.session
-from bmoe_runtime.ram import peak_rss
+import bmoe_runtime.cli, bmoe_runtime.runtime.generate, bmoe_runtime.runtime.session
+from bmoe_runtime.planning.ram import peak_rss
 backend, packing, act_quant = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if backend == "numba":  # what a run imports and compiles (or loads from numba's cache)
     import onnx.reference
-    from bmoe_runtime import numba_ops
-    from bmoe_runtime.packing import packed_cols
+    from bmoe_runtime.backends import numba_ops
+    from bmoe_runtime.format.packing import packed_cols
     x = np.ones((2, 8), np.float32)
     numba_ops.butterfly_rotate(x, np.zeros((1, 3, 4), np.float32))
     numba_ops.ternary_matmul(x, np.zeros((4, packed_cols(8, packing)), np.uint8), np.ones(4, np.float32), 8,
@@ -125,7 +125,7 @@ if backend == "numba":  # what a run imports and compiles (or loads from numba's
 else:  # onnxruntime with the ai.bmoe library and one (trivial) session
     import onnx, onnxruntime as ort
     from onnx import helper, TensorProto
-    from bmoe_runtime import ort_ops
+    from bmoe_runtime.backends import ort_ops
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
@@ -152,7 +152,7 @@ def runtime_overhead(backend: str, packing: str = "2bit", act_quant: int = 0) ->
         if not 0 < mb < 2**24:
             raise BmoeError(f"BMOE_OVERHEAD_MB must be a positive number of MiB, got {given!r}")
         return int(mb * MIB), "given: $BMOE_OVERHEAD_MB"
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding bmoe_runtime/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     try:
         out = subprocess.run([sys.executable, "-c", _PROBE, backend, packing, str(act_quant)], env=env,

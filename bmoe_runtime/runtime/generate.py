@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import BmoeError
-from .session import ModelSession
-from .tokenizer import Tokenizer, tokenizer_from_dict
+from bmoe_runtime.errors import BmoeError
+from bmoe_runtime.runtime.session import ModelSession
+from bmoe_runtime.format.tokenizer import Tokenizer, tokenizer_from_dict
 
 
 @dataclass

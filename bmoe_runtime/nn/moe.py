@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .butterfly import ButterflyRotation
-from .choices import EXPERT_FORMS, VARIANTS
-from .ternary import fake_quantize
+from bmoe_runtime.nn.butterfly import ButterflyRotation
+from bmoe_runtime.choices import EXPERT_FORMS, VARIANTS
+from bmoe_runtime.nn.ternary import fake_quantize
 
 Variant = Literal["butterfly", "dense", "ternary", "static"]
 ExpertForm = Literal["paper", "ffn"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import EXPERT_FORMS, VARIANTS, ButterflyMoE, balance_loss
+from bmoe_runtime.nn.moe import EXPERT_FORMS, VARIANTS, ButterflyMoE, balance_loss
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value) [B, H, T, d_head]
 

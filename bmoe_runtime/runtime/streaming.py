@@ -7,7 +7,7 @@ cos/sin tables of at most `cache_slots` experts (LRU). The angle initializers ar
 removed from the graph, so their bytes are never loaded. Both backends implement the
 form: the C++ library (counters exported from libbmoe_ops.so) and numba_ops.
 
-    from bmoe_runtime.session import ModelSession
+    from bmoe_runtime.runtime.session import ModelSession
     sess = ModelSession(model_dir, "ort", angle_cache_slots=2)   # every table: 2 experts cached
     sess = ModelSession(model_dir, "ort", angle_cache_slots={"lm.blocks.0.moe.experts.theta_angles": 4})
     cache_stats("ort")  # {'hits': ..., 'misses': ..., 'bytes_read': ..., 'prefetches': ..., 'prefetch_hits': ...}
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import onnx
 
-from . import numba_ops, op_schemas
-from .errors import BmoeError
+from bmoe_runtime.backends import numba_ops
+
+from bmoe_runtime.format import op_schemas
+from bmoe_runtime.errors import BmoeError
 
 ANGLES_SUFFIX = "_angles"
 _DTYPE_CODES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int8": onnx.TensorProto.INT8}
@@ -216,7 +218,7 @@ def _ort_lib() -> ctypes.CDLL:
     global _lib
     with _lib_lock:
         if _lib is None:
-            from . import ort_ops
+            from bmoe_runtime.backends import ort_ops
 
             path = ort_ops.library_path()
             if path is None:

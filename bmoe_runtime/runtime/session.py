@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import numba_ops, op_schemas
-from .errors import BmoeError
-from .manifest import read_manifest
+from bmoe_runtime.backends import numba_ops
+
+from bmoe_runtime.format import op_schemas
+from bmoe_runtime.errors import BmoeError
+from bmoe_runtime.format.manifest import read_manifest
 
 BACKENDS = ("ort", "numba")
 _NP_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64}
@@ -98,7 +100,7 @@ class ModelSession:
         if lookahead and angle_cache_slots is None:
             raise BmoeError("lookahead prefetch needs streamed angles (angle_cache_slots)")
         if angle_cache_slots is not None:  # angles streamed: the rewritten graph, without their initializers
-            from .streaming import stream_angles
+            from bmoe_runtime.runtime.streaming import stream_angles
 
             streamed = stream_angles(proto, self.dir, self.manifest, angle_cache_slots, lookahead=lookahead)
         # MoE layers served by the router look-ahead prefetch (0 without it)
@@ -113,7 +115,7 @@ class ModelSession:
     def _ort_session(path: str, threads: int | None, model: onnx.ModelProto | None = None):
         import onnxruntime as ort
 
-        from . import ort_ops
+        from bmoe_runtime.backends import ort_ops
 
         opts = ort.SessionOptions()
         ort_ops.register(opts)

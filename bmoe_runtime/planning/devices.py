@@ -14,7 +14,7 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import BmoeError
+from bmoe_runtime.errors import BmoeError
 
 import tomllib
 
@@ -59,8 +59,8 @@ class Device:
 def search_dirs() -> list[Path]:
     """$BMOE_DEVICES_DIR, then the package's own copy (wheel), then the checkout's devices/."""
     env = os.environ.get("BMOE_DEVICES_DIR")
-    here = Path(__file__).resolve().parent
-    return ([Path(env)] if env else []) + [here / "devices", here.parent / "devices"]
+    pkg = Path(__file__).resolve().parents[1]  # bmoe_runtime/
+    return ([Path(env)] if env else []) + [pkg / "devices", pkg.parent / "devices"]
 
 
 def profile_paths() -> dict[str, Path]:

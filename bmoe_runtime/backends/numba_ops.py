@@ -19,8 +19,8 @@ from collections import OrderedDict
 import numpy as np
 from numba import njit, prange
 
-from .butterfly_layout import active_mask, angle_shape, n_stages, padded_size
-from .packing import TRITS_PER_BYTE, packed_cols
+from bmoe_runtime.format.butterfly_layout import active_mask, angle_shape, n_stages, padded_size
+from bmoe_runtime.format.packing import TRITS_PER_BYTE, packed_cols
 
 
 class OpError(ValueError):

@@ -7,7 +7,7 @@ import pathlib
 import sys
 
 LIB_NAME = "libbmoe_ops.so"
-_PKG_DIR = pathlib.Path(__file__).resolve().parent
+_PKG_DIR = pathlib.Path(__file__).resolve().parents[1]  # bmoe_runtime/
 
 
 def _candidates() -> list[pathlib.Path]:

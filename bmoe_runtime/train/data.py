@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CorpusError
+from bmoe_runtime.errors import CorpusError
 
 
 @dataclass

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import onnx
 
-from . import op_schemas
-from .errors import BmoeError
+from bmoe_runtime.format import op_schemas
+from bmoe_runtime.errors import BmoeError
 
 MANIFEST, FORMAT, VERSION = "manifest.json", "bmoe-export", 1
 

@@ -6,8 +6,8 @@ against a 1.58-bit prototype plus fp16 angles); `model_memory` counts everything
 
 from __future__ import annotations
 
-from .butterfly_layout import angle_shape
-from .model import ModelConfig
+from bmoe_runtime.format.butterfly_layout import angle_shape
+from bmoe_runtime.nn.model import ModelConfig
 
 TRIT_BITS = {"1.58": 1.58, "1.6": 1.6, "2": 2.0}  # ideal log2(3) as the paper counts; base-3 packing; 2-bit packing
 ANGLE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .model import ModelConfig, MoELM
-from .tokenizer import Tokenizer, tokenizer_from_dict
+from bmoe_runtime.errors import CheckpointError
+from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.format.tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT, VERSION = "bmoe-checkpoint", 1
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .butterfly_layout import active_mask, angle_shape, n_stages, padded_size  # noqa: F401 (re-exported)
+from bmoe_runtime.format.butterfly_layout import active_mask, angle_shape, n_stages, padded_size  # noqa: F401 (re-exported)
 
 
 def active_pairs(d: int) -> torch.Tensor:

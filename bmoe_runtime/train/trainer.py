@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .choices import PRESET_NAMES
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from .data import Corpus, TokenStream, count_words, load_corpus
-from .model import ModelConfig, MoELM
-from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, tokenizer_from_dict
+from bmoe_runtime.choices import PRESET_NAMES
+from bmoe_runtime.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from bmoe_runtime.train.data import Corpus, TokenStream, count_words, load_corpus
+from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.format.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, tokenizer_from_dict
 
 
 @dataclass

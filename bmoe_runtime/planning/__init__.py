@@ -1,0 +1,1 @@
+"""Device profiles, the memory planner and measured RAM (no torch)."""

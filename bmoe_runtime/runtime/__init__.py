@@ -1,0 +1,1 @@
+"""Running an exported model: session, generation loop, angle streaming (no torch)."""

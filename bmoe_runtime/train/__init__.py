@@ -1,0 +1,1 @@
+"""Training: corpus, checkpoints and the training loop (needs torch)."""
