@@ -137,13 +137,20 @@ def _write_dir(out_dir: Path, model: onnx.ModelProto, meta: dict, extra: dict[st
     return out_dir
 
 
+def _detached_memo(module: nn.Module) -> dict[int, torch.Tensor]:
+    """deepcopy memo mapping each non-leaf tensor a module holds as a plain attribute (e.g. the
+    `balance_loss` of a training forward) to a detached copy: torch cannot deepcopy non-leaf tensors."""
+    return {id(v): v.detach().clone() for m in module.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not v.is_leaf}
+
+
 def export_module(module: nn.Module, example_inputs: tuple, out_dir: str | Path, input_names: list[str],
                   output_names: list[str], dynamic_shapes=None, options: ExportOptions | None = None,
                   meta: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Export any nn.Module containing bmoe layers (its banks are packed on a copy)."""
     options = options or ExportOptions()
     op_schemas.register()
-    packed = copy.deepcopy(module).eval()
+    packed = copy.deepcopy(module, _detached_memo(module)).eval()
     n_banks = pack_banks(packed, options.packing, options.angle_dtype, options.act_quant)
     with torch.no_grad():
         model = _capture(packed, example_inputs, input_names, output_names, dynamic_shapes)
