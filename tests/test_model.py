@@ -233,6 +233,44 @@ def test_model_memory_components(variant, form):
         assert parts["experts"] == 4 * n_exp
 
 
+# Hand-computed bytes for TINY (vocab 64, d 24, 2 layers, d_ff 40, 4 experts, max_seq 32), 1.58-bit trits, fp16 angles.
+# butterfly over 24: P 32, 5 stages × 16 pairs = 80 angles; over 40: P 64, 6 × 32 = 192 angles.
+# One bank 24→40 (paper form): prototype 40·24·1.58/8 = 189.6 B of trits + 40 fp32 row scales (160 B) = 349.6 B;
+# angles 4 experts · (192 + 80) · 2 B = 2176 B. ffn form adds the bank 40→24: 189.6 + 24·4 = 285.6 B, 2176 B.
+DENSE_PARTS = {
+    "router": 2 * 4 * 24 * 4,  # 768: L · N · d fp32
+    "attention": 2 * (4 * 24 * 24 + 4 * 24) * 4,  # 19200: qkv + out (no bias) + two LayerNorms (w, b)
+    "embeddings": (64 + 32) * 24 * 4 + 2 * 24 * 4,  # 9408: token + position (tied head) + final LayerNorm
+}
+MEMORY_BY_HAND = {
+    ("butterfly", "paper"): {"prototypes": 2 * 349.6, "angles": 2 * 2176, "experts": 0, "shared_projection": 7680},
+    ("butterfly", "ffn"): {"prototypes": 2 * (349.6 + 285.6), "angles": 2 * 2 * 2176, "experts": 0,
+                           "shared_projection": 0},
+    # dense: 4 fp32 experts of 24·40 per bank per layer = 15360 B
+    ("dense", "paper"): {"prototypes": 0, "angles": 0, "experts": 2 * 15360, "shared_projection": 7680},
+    ("dense", "ffn"): {"prototypes": 0, "angles": 0, "experts": 2 * 2 * 15360, "shared_projection": 0},
+    # ternary: 4 independent 1.58-bit experts with their own row scales
+    ("ternary", "ffn"): {"prototypes": 0, "angles": 0, "experts": 2 * 4 * (349.6 + 285.6), "shared_projection": 0},
+}
+
+
+@pytest.mark.parametrize("variant, form", list(MEMORY_BY_HAND))
+def test_model_memory_hand_computed(variant, form):
+    mem = model_memory(ModelConfig(**{**TINY, "variant": variant, "expert_form": form}))
+    expected = {**DENSE_PARTS, **MEMORY_BY_HAND[variant, form]}
+    expected["total"] = sum(expected.values())
+    assert mem.keys() == expected.keys()
+    for k, v in expected.items():
+        assert mem[k] == pytest.approx(v, rel=1e-12, abs=1e-9), k
+
+
+def test_model_memory_angle_and_trit_widths():
+    cfg = ModelConfig(**{**TINY, "variant": "butterfly", "expert_form": "paper"})
+    int8_2bit = model_memory(cfg, trit_bits=2.0, angle_bytes=1)
+    assert int8_2bit["angles"] == 2 * 4 * (192 + 80) * 1
+    assert int8_2bit["prototypes"] == pytest.approx(2 * (40 * 24 * 2 / 8 + 40 * 4), rel=1e-12)
+
+
 def test_model_memory_butterfly_is_smaller():
     base = {**TINY, "d_model": 64, "d_ff": 256, "n_heads": 4, "n_experts": 16}
     dense = model_memory(ModelConfig(**base, variant="dense"))
