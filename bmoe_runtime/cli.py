@@ -64,9 +64,10 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
               "(default: prompt + new tokens).")
 @click.option("--lookahead", is_flag=True, help="When angles are streamed, prefetch the next layer's experts "
               "predicted by its router on the current hidden state.")
+@click.option("--strict-budget", is_flag=True, help="Exit non-zero when the measured peak RSS exceeds the budget.")
 @user_errors
 def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_path, device, budget_mb, context,
-            lookahead):
+            lookahead, strict_budget):
     """Generate text with an exported model (default: the bundled one)."""
     import json
     import sys
@@ -103,6 +104,7 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
     report["memory"] = ram.measure()
     if plan:
         report.update(_run_report(*plan, report["memory"], stats.decode_tok_s))
+        _check_budget(plan[1], report["memory"], strict_budget)
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -117,7 +119,7 @@ def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, con
     from bmoe_runtime.planning.devices import resolve_device
     from bmoe_runtime.errors import BmoeError
     from bmoe_runtime.format.manifest import read_manifest
-    from bmoe_runtime.planning.planner import MIB, Settings, make_plan, refusal
+    from bmoe_runtime.planning.planner import MIB, Settings, make_plan, overhead_in_this_process, refusal
     from bmoe_runtime.format.tokenizer import tokenizer_from_dict
 
     dev = resolve_device(device)
@@ -133,11 +135,31 @@ def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, con
         threads = min(threads or min(dev.cores, resolve_device("host").cores), dev.cores)
     settings = Settings(backend, context or n_prompt + n_new, n_prompt, 1, threads)
     budget = int(budget_mb * MIB) if budget_mb else None
-    plan = make_plan(manifest, dev, settings, budget, model_name=str(model_dir))
+    opts = manifest.get("export_options", {})  # this process is bmoe-run itself: measure its overhead here
+    overhead = overhead_in_this_process(backend, opts.get("packing", "2bit"), int(opts.get("act_quant", False)))
+    plan = make_plan(manifest, dev, settings, budget, overhead, model_name=str(model_dir))
     if refusal(plan):
         raise BmoeError(refusal(plan))
     click.echo(f"[bmoe] {plan.summary()}", err=True)
     return (dev, plan), threads
+
+
+def _check_budget(plan, memory: dict, strict: bool) -> None:  # Plan
+    """The budget is a promise: a measured peak above it is reported loudly (and fails with --strict-budget)."""
+    from bmoe_runtime.errors import BmoeError
+    from bmoe_runtime.planning.planner import MIB
+
+    peak = memory["peak_rss_bytes"]
+    if peak is None:
+        if strict:
+            raise BmoeError("--strict-budget: peak RSS cannot be measured on this platform")
+        return
+    if peak > plan.budget_bytes:
+        line = (f"BUDGET EXCEEDED: measured peak RSS {peak / MIB:.1f} MiB > budget {plan.budget_bytes / MIB:.1f} MiB "
+                f"(predicted {plan.peak_bytes / MIB:.1f} MiB)")
+        if strict:
+            raise BmoeError(line)
+        click.echo(f"[bmoe] {line}", err=True)
 
 
 def _run_report(dev, plan, memory: dict, measured_tok_s: float) -> dict:  # Device, Plan
@@ -153,7 +175,7 @@ def _run_report(dev, plan, memory: dict, measured_tok_s: float) -> dict:  # Devi
     line += f"; predicted peak {plan.peak_bytes / MIB:.1f} MiB"
     line += f" (measured/predicted {ratio:.2f})" if ratio else ""
     click.echo(line, err=True)
-    out = {"device": dev.to_dict(), "on_device": dev.is_host, "plan": plan.to_dict(),
+    out = {"device": dev.to_dict(), "on_device": dev.is_here, "plan": plan.to_dict(),
            "memory": {**memory, "predicted_peak_bytes": plan.peak_bytes, "measured_over_predicted": ratio},
            "streaming": {"streamed": plan.streaming, "cache_experts_per_layer": plan.cache_experts}}
     if plan.streaming:
@@ -164,7 +186,9 @@ def _run_report(dev, plan, memory: dict, measured_tok_s: float) -> dict:  # Devi
         click.echo(f"[bmoe] angle cache: {plan.cache_experts}/{plan.n_experts} experts a layer; {counters['hits']} hits, "
                    f"{counters['misses']} misses{prefetch}, {counters['bytes_read'] / MIB:.2f} MiB read from angles.bin",
                    err=True)
-    if not dev.is_host:
+    if dev.is_here:
+        click.echo(f"[bmoe] measured on {dev.name} itself ({plan.settings['threads']} threads)", err=True)
+    else:
         click.echo(f"[bmoe] NOT run on {dev.name}: ran on this host with {plan.settings['threads']} threads "
                    f"(at most {dev.name}'s {dev.cores} cores); the memory above is this host's", err=True)
         out["estimate"] = {"label": "ESTIMATE (not measured): memory/storage bandwidth bound, compute not modelled",
@@ -189,15 +213,17 @@ def devices_cli():
     def num(v, fmt: str) -> str:
         return "unknown" if v is None else format(v, fmt)
 
-    click.echo(f"{'name':<18}{'arch':<9}{'cores':>6}{'RAM MiB':>9}{'reserved':>9}{'budget MiB':>11}{'mem GB/s':>10}"
+    click.echo(f"{'name':<20}{'arch':<9}{'cores':>6}{'RAM MiB':>9}{'reserved':>9}{'budget MiB':>11}{'mem GB/s':>10}"
                f"{'read MB/s':>10}{'lat ms':>8}  isa")
     for d in all_devices():
-        click.echo(f"{d.name:<18}{d.arch:<9}{d.cores:>6}{d.ram_mb:>9.0f}{d.reserved_fraction:>9.2f}"
+        mark = "*" if d.is_here and not d.is_host else " "
+        click.echo(f"{mark} {d.name:<18}{d.arch:<9}{d.cores:>6}{d.ram_mb:>9.0f}{d.reserved_fraction:>9.2f}"
                    f"{d.budget_bytes / 2**20:>11.0f}{num(d.mem_bandwidth_gbs, 'g'):>10}"
                    f"{num(d.storage_read_mbs, 'g'):>10}"
                    f"{num(d.storage_latency_ms, 'g'):>8}  {','.join(d.isa)}")
     click.echo("aliases: " + ", ".join(f"{a} -> {n}" for a, n in ALIASES.items()))
     click.echo("host: read from this machine (budget = MemAvailable; bandwidths not measured)")
+    click.echo("* this machine is that board (its profile's detect markers match; bmoe-run --device measures on it)")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -207,9 +233,14 @@ def devices_cli():
 @click.option("--context", type=click.IntRange(min=1), help="KV positions (default: the model's max_seq).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "ort", "numba"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["python", "native"]),
+              help="python: bmoe-run; native: an app embedding ONNX Runtime + libbmoe_ops (no Python). "
+              "Default: the device profile's (native for the phones).")
+@click.option("--overhead-mb", type=click.FloatRange(min=0, min_open=True, max=2**24),
+              help="Runtime overhead in MiB, measured on the device (replaces this host's measurement).")
 @click.option("--json", "json_path", type=click.Path(), help="Write the plan here.")
 @user_errors
-def plan_cli(model_dir, device, budget_mb, context, batch, backend, json_path):
+def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, overhead_mb, json_path):
     """Plan memory for running MODEL_DIR on a device (default model: the bundled one)."""
     import json
 
@@ -224,9 +255,16 @@ def plan_cli(model_dir, device, budget_mb, context, batch, backend, json_path):
     if backend == "auto":
         backend = "ort" if ort_ops.available() else "numba"
     dev = resolve_device(device)
+    runtime = runtime or dev.runtime
+    if runtime == "native":
+        if backend == "numba":
+            raise BmoeError("--runtime native is ONNX Runtime with libbmoe_ops: use --backend ort (or auto)")
+        backend = "ort"  # a native app runs ORT; the library need not be built on this host to plan for it
     budget = int(budget_mb * MIB) if budget_mb else None
-    plan = make_plan(read_manifest(model_dir, verify=False), dev, Settings(backend, context, None, batch),
-                     budget, model_name=str(model_dir))
+    overhead = (int(overhead_mb * MIB), "given: --overhead-mb") if overhead_mb else None
+    plan = make_plan(read_manifest(model_dir, verify=False), dev, Settings(backend, context, None, batch,
+                                                                            runtime=runtime),
+                     budget, overhead, model_name=str(model_dir))
     click.echo(plan.table())
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:

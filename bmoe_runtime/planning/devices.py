@@ -27,7 +27,11 @@ _NEEDS = {"dotprod": "neon", "i8mm": "neon", "fp16": "neon", "sve2": "sve", "avx
           "avx512": "avx2", "avx512_vnni": "avx512", "avx512_bf16": "avx512", "avx_vnni": "avx2"}
 REQUIRED = ("arch", "ram_mb", "reserved_fraction", "mem_bandwidth_gbs", "storage_read_mbs", "storage_latency_ms",
             "cores", "isa")
-OPTIONAL = ("description",)
+OPTIONAL = ("description", "runtime", "detect")
+RUNTIMES = ("python", "native")  # bmoe-run, or an app embedding ONNX Runtime + the op library
+# Recognising the board we run on: files under / ($BMOE_SYSROOT in tests) whose text must contain a marker.
+SYSROOT_ENV = "BMOE_SYSROOT"
+_DETECT_READ_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -43,17 +47,41 @@ class Device:
     isa: tuple[str, ...]
     description: str = ""
     source: str = ""  # the TOML file, or "host"
+    runtime: str = "python"  # the planner's default runtime for this device
+    detect: tuple[tuple[str, str], ...] = ()  # (path relative to /, text it contains): all must hold
 
     @property
     def is_host(self) -> bool:
+        """The `host` pseudo-profile (read from this machine)."""
         return self.source == HOST
+
+    @property
+    def is_here(self) -> bool:
+        """A run on this machine runs on the device: `host`, or a profile whose board is recognised here."""
+        return self.is_host or board_matches(self.detect)
 
     @property
     def budget_bytes(self) -> int:
         return int(self.ram_mb * (1 - self.reserved_fraction) * 2**20)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "isa": list(self.isa)}
+        return {**asdict(self), "isa": list(self.isa), "detect": dict(self.detect), "on_this_machine": self.is_here}
+
+
+def board_matches(detect: tuple[tuple[str, str], ...]) -> bool:
+    """True when every detection file exists under the system root and contains its marker text."""
+    if not detect:
+        return False  # a profile without markers (the phones) is never this Linux host
+    root = Path(os.environ.get(SYSROOT_ENV) or "/")
+    for rel, marker in detect:
+        try:
+            with open(root / rel, "rb") as f:  # small sysfs/proc/etc files; read a bounded prefix
+                text = f.read(_DETECT_READ_LIMIT).replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            return False
+        if marker not in text:
+            return False
+    return True
 
 
 def search_dirs() -> list[Path]:
@@ -107,6 +135,16 @@ def validate(data: dict, name: str, where: str) -> Device:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise BmoeError(f"{where}: description must be a string, got {description!r}")
+    runtime = data.get("runtime", "python")
+    if runtime not in RUNTIMES:
+        raise BmoeError(f"{where}: runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    detect = data.get("detect", {})
+    if not isinstance(detect, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in
+                                               detect.items()):
+        raise BmoeError(f"{where}: detect must be a table of file = \"text it contains\", got {detect!r}")
+    for rel in detect:
+        if rel.startswith("/") or ".." in Path(rel).parts or not rel:
+            raise BmoeError(f"{where}: detect path {rel!r} must be relative to / without '..'")
     return Device(
         name=name, arch=arch,
         ram_mb=_number(where, "ram_mb", data["ram_mb"], 0, 2**24, lo_open=True),  # up to 16 TiB
@@ -114,7 +152,8 @@ def validate(data: dict, name: str, where: str) -> Device:
         mem_bandwidth_gbs=_number(where, "mem_bandwidth_gbs", data["mem_bandwidth_gbs"], 0, 10_000, lo_open=True),
         storage_read_mbs=_number(where, "storage_read_mbs", data["storage_read_mbs"], 0, 1_000_000, lo_open=True),
         storage_latency_ms=_number(where, "storage_latency_ms", data["storage_latency_ms"], 0, 10_000),
-        cores=cores, isa=tuple(isa), description=description, source=where)
+        cores=cores, isa=tuple(isa), description=description, source=where, runtime=runtime,
+        detect=tuple(sorted(detect.items())))
 
 
 def load_profile(path: str | Path) -> Device:
@@ -182,3 +221,8 @@ def resolve_device(spec: str) -> Device:
 
 def all_devices() -> list[Device]:
     return [load_profile(p) for p in profile_paths().values()] + [host_device()]
+
+
+def detected_device() -> Device | None:
+    """The bundled profile whose board this machine is, if any."""
+    return next((d for d in all_devices() if not d.is_host and d.is_here), None)

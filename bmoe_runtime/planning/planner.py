@@ -37,6 +37,15 @@ LOAD_TRANSIENT_COPIES = {"numba": 1, "ort": 0}
 TABLES = {"numba": False, "ort": True}
 # If the overhead probe cannot run: peak RSS of the probe on the dev machine (x86_64, Python 3.11).
 FALLBACK_OVERHEAD = {"numba": 350 * MIB, "ort": 325 * MIB}
+# runtime "native": an app embedding ONNX Runtime 1.32 + libbmoe_ops, one trivial session run, no Python.
+# Median peak RSS of 7 runs of benchmarks/native/native_overhead.py (x86-64, 1 thread): 30.3 MiB (30.3-30.4).
+# An Android/iOS app adds its own framework on top; override with --overhead-mb when measured there.
+NATIVE_OVERHEAD = int(30.3 * MIB)
+RUNTIMES = ("python", "native")
+# Unplanned allocations of a real run (Python objects of the generation loop, allocator slack, page-granular
+# growth) measured 1.7-4.5 MiB above the predicted peak with the probe's overhead (issue 12); the plan keeps
+# this much of the budget free so that a measured peak never exceeds the budget.
+SAFETY_MARGIN = 8 * MIB
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class Settings:
     prefill: int | None = None  # tokens in the first step (the prompt); default the whole context
     batch: int = 1
     threads: int | None = None
+    runtime: str = "python"  # python: bmoe-run; native: an app embedding ORT + libbmoe_ops (backend ort)
 
 
 @dataclass
@@ -108,33 +118,68 @@ class Plan:
                 f"experts a layer{', streamed from angles.bin' if self.streaming else ''}")
 
 
-_PROBE = r"""
-import sys
-import numpy as np
-import bmoe_runtime.cli, bmoe_runtime.runtime.generate, bmoe_runtime.runtime.session
-from bmoe_runtime.planning.ram import peak_rss
-backend, packing, act_quant = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if backend == "numba":  # what a run imports and compiles (or loads from numba's cache)
-    import onnx.reference
-    from bmoe_runtime.backends import numba_ops
-    from bmoe_runtime.format.packing import packed_cols
-    x = np.ones((2, 8), np.float32)
-    numba_ops.butterfly_rotate(x, np.zeros((1, 3, 4), np.float32))
-    numba_ops.ternary_matmul(x, np.zeros((4, packed_cols(8, packing)), np.uint8), np.ones(4, np.float32), 8,
-                             packing, act_quant)
-else:  # onnxruntime with the ai.bmoe library and one (trivial) session
-    import onnx, onnxruntime as ort
-    from onnx import helper, TensorProto
-    from bmoe_runtime.backends import ort_ops
-    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    opts = ort.SessionOptions()
-    ort_ops.register(opts)
-    s = ort.InferenceSession(helper.make_model(g).SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    s.run(None, {"x": np.ones(1, np.float32)})
-print(peak_rss())
-"""
+def warm_up(backend: str, packing: str = "2bit", act_quant: int = 0) -> None:
+    """Import and exercise what a bmoe-run of this backend uses, before any model is loaded."""
+    import numpy as np
+
+    import bmoe_runtime.runtime.generate  # noqa: F401  (what bmoe-run imports)
+    import bmoe_runtime.runtime.session  # noqa: F401
+    if backend == "numba":  # imports and compiles (or loads from numba's cache) both kernels
+        import onnx.reference  # noqa: F401
+
+        from bmoe_runtime.backends import numba_ops
+        from bmoe_runtime.format.packing import packed_cols
+        x = np.ones((2, 8), np.float32)
+        numba_ops.butterfly_rotate(x, np.zeros((1, 3, 4), np.float32))
+        numba_ops.ternary_matmul(x, np.zeros((4, packed_cols(8, packing)), np.uint8), np.ones(4, np.float32), 8,
+                                 packing, act_quant)
+    else:  # onnxruntime with the ai.bmoe library and one (trivial) session
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        from bmoe_runtime.backends import ort_ops
+        g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        opts = ort.SessionOptions()
+        ort_ops.register(opts)
+        s = ort.InferenceSession(helper.make_model(g).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        s.run(None, {"x": np.ones(1, np.float32)})
+
+
+_PROBE = "import sys; from bmoe_runtime.planning import planner, ram; " \
+         "planner.warm_up(sys.argv[1], sys.argv[2], int(sys.argv[3])); print(ram.peak_rss())"
+
+
+def _overhead_override() -> tuple[int, str] | None:
+    given = os.environ.get("BMOE_OVERHEAD_MB")
+    if not given:
+        return None
+    try:
+        mb = float(given)
+    except ValueError:
+        mb = -1.0
+    if not 0 < mb < 2**24:
+        raise BmoeError(f"BMOE_OVERHEAD_MB must be a positive number of MiB, got {given!r}")
+    return int(mb * MIB), "given: $BMOE_OVERHEAD_MB"
+
+
+def overhead_in_this_process(backend: str, packing: str = "2bit", act_quant: int = 0) -> tuple[int, str]:
+    """The runtime overhead measured in this very process (bmoe-run, before it loads the model).
+
+    Nothing is spawned, so under a tight memory limit the measurement cannot be what gets killed.
+    Only meaningful in a lean process: one that has loaded torch, say, reports torch too.
+    """
+    given = _overhead_override()
+    if given:
+        return given
+    from bmoe_runtime.planning.ram import peak_rss
+
+    warm_up(backend, packing, act_quant)
+    peak = peak_rss()
+    if peak is None:
+        return FALLBACK_OVERHEAD[backend], "fallback constant (peak RSS not readable here)"
+    return peak, "measured: peak RSS of this process before loading the model"
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,15 +188,9 @@ def runtime_overhead(backend: str, packing: str = "2bit", act_quant: int = 0) ->
 
     $BMOE_OVERHEAD_MB replaces the measurement (e.g. with one taken on the target device).
     """
-    given = os.environ.get("BMOE_OVERHEAD_MB")
+    given = _overhead_override()
     if given:
-        try:
-            mb = float(given)
-        except ValueError:
-            mb = -1.0
-        if not 0 < mb < 2**24:
-            raise BmoeError(f"BMOE_OVERHEAD_MB must be a positive number of MiB, got {given!r}")
-        return int(mb * MIB), "given: $BMOE_OVERHEAD_MB"
+        return given
     root = str(Path(__file__).resolve().parents[2])  # the directory holding bmoe_runtime/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     try:
@@ -160,6 +199,12 @@ def runtime_overhead(backend: str, packing: str = "2bit", act_quant: int = 0) ->
         return int(out.stdout.split()[-1]), "measured: peak RSS of a bare import in a subprocess"
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         return FALLBACK_OVERHEAD[backend], f"fallback constant (probe failed: {type(exc).__name__})"
+
+
+def native_overhead() -> tuple[int, str]:
+    """An app embedding ONNX Runtime + libbmoe_ops (no Python): measured, or $BMOE_OVERHEAD_MB."""
+    return _overhead_override() or (NATIVE_OVERHEAD, "measured: C app + ORT + libbmoe_ops "
+                                                     "(benchmarks/native/native_overhead.py, x86-64 host)")
 
 
 def _table_bytes(shape: list[int], backend: str = "ort") -> int:
@@ -213,9 +258,15 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
         if budget_bytes > ram:
             raise BmoeError(f"budget {budget_bytes / MIB:.0f} MiB exceeds {device.name}'s "
                             f"{device.ram_mb:.0f} MiB of RAM")
+    if settings.runtime not in RUNTIMES:
+        raise BmoeError(f"unknown runtime {settings.runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if settings.runtime == "native" and settings.backend != "ort":
+        raise BmoeError("runtime native is ONNX Runtime with libbmoe_ops: it needs backend ort")
     backend, copies = settings.backend, COPIES[settings.backend]
     opts = manifest.get("export_options", {})
-    overhead = overhead or runtime_overhead(backend, opts.get("packing", "2bit"), int(opts.get("act_quant", False)))
+    if overhead is None:
+        overhead = native_overhead() if settings.runtime == "native" else \
+            runtime_overhead(backend, opts.get("packing", "2bit"), int(opts.get("act_quant", False)))
 
     # Angles by MoE layer: the tables of one layer (θ and φ of each bank) are indexed by the same expert.
     layers: dict[str, list[dict]] = {}
@@ -237,7 +288,8 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
     stream_table_bytes = sum(_table_bytes(shapes[t["tensor"]], backend) for ts in layers.values() for t in ts)
 
     def parts(c: int, streamed: bool) -> tuple[dict[str, int], int, int]:
-        comp = {f"runtime ({backend}; {overhead[1].split(':')[0]})": overhead[0]}
+        runtime = "native app" if settings.runtime == "native" else backend
+        comp = {f"runtime ({runtime}; {overhead[1].split(':')[0]})": overhead[0]}
         comp |= {f"weights: {kind}": b for kind, b in sorted(by_kind.items(), key=lambda kb: -kb[1])}
         if copies > 1:
             comp["weights: second copy (protobuf + numpy)"] = (copies - 1) * resident
@@ -250,6 +302,7 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
                 comp["angles: cos/sin tables (ort op)"] = c * table_bytes
         comp["KV cache (past + present)"] = 2 * kv
         comp[f"activations ({prefill}-token step)"] = act
+        comp["safety margin (unplanned allocations)"] = SAFETY_MARGIN
         transient = LOAD_TRANSIENT_COPIES[backend] * (resident + (0 if streamed else c * slice_bytes))
         return comp, transient, sum(comp.values()) - 2 * kv - act + max(transient, 2 * kv + act)
 
@@ -279,12 +332,13 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
             seconds += streamed / (device.storage_read_mbs * 1e6) + reads * device.storage_latency_ms / 1e3
         estimate = 1 / seconds
     notes = []
-    if not device.is_host:
-        notes.append(f"runtime overhead is measured on this host ({sys.platform}); {device.name}'s Python "
-                     f"stack may differ")
+    if not device.is_here and overhead[1].startswith("measured"):
+        stack = "native stack" if settings.runtime == "native" else "Python stack"
+        notes.append(f"runtime overhead is measured on this host ({sys.platform}); {device.name}'s {stack} "
+                     f"may differ (override: --overhead-mb)")
     return Plan(model=model_name, device=device.to_dict(),
-                settings={"backend": backend, "context": context, "prefill": prefill, "batch": settings.batch,
-                          "threads": settings.threads},
+                settings={"backend": backend, "runtime": settings.runtime, "context": context, "prefill": prefill,
+                          "batch": settings.batch, "threads": settings.threads},
                 budget_bytes=budget_bytes, budget_source=source, components=comp, load_transient_bytes=transient,
                 peak_bytes=peak, fits=peak <= budget_bytes, n_experts=n_exp, top_k=top_k, moe_layers=len(layers),
                 cache_experts=cache, expert_angle_bytes=slice_bytes,
