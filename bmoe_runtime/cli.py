@@ -4,8 +4,51 @@ from __future__ import annotations
 
 import click
 
-from bmoe_runtime.errors import user_errors
+from bmoe_runtime.errors import BmoeError, CheckpointError, user_errors
 from bmoe_runtime.choices import EXPERT_FORMS, PRESET_NAMES, VARIANTS
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan (which passes every range comparison) and inf."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+BUDGET_MB = FiniteFloat(min=1, max=2**24)  # 1 MiB .. 16 TiB: past either end it is a typo, not a device
+
+
+def _backend(backend: str) -> str:
+    """auto: ort when the op library is found, else numba. A $BMOE_OPS_LIB that is not a file is an error,
+    not a silent fallback."""
+    import os
+
+    from bmoe_runtime.backends import ort_ops
+
+    env = os.environ.get("BMOE_OPS_LIB")
+    if env and backend != "numba" and not os.path.isfile(env):
+        raise BmoeError(f"BMOE_OPS_LIB={env[:200]} is not a file (unset it to use the installed op library)")
+    if backend == "auto":
+        return "ort" if ort_ops.available() else "numba"
+    return backend
+
+
+def _cap_threads(threads: int | None) -> int | None:
+    """No more threads than this process may run on: more only oversubscribe the cores."""
+    from bmoe_runtime.runtime.session import available_cores
+
+    cores = available_cores()
+    if threads and threads > cores:
+        click.echo(f"[bmoe] --threads {threads} capped to the {cores} cores this machine gives the process", err=True)
+        return cores
+    return threads
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,19 +57,19 @@ from bmoe_runtime.choices import EXPERT_FORMS, PRESET_NAMES, VARIANTS
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default="tiny", show_default=True)
 @click.option("--variant", type=click.Choice(VARIANTS), default="butterfly", show_default=True)
 @click.option("--expert-form", type=click.Choice(EXPERT_FORMS), default="paper", show_default=True)
-@click.option("--experts", type=int, help="Number of experts N (preset's by default).")
-@click.option("--top-k", type=int, help="Experts per token (preset's by default).")
-@click.option("--d-model", type=int)
-@click.option("--d-ff", type=int)
-@click.option("--layers", type=int)
-@click.option("--steps", type=int, help="Optimizer steps (preset's by default).")
-@click.option("--batch", type=int)
-@click.option("--seq", type=int)
-@click.option("--lr", type=float)
-@click.option("--eval-every", type=int)
+@click.option("--experts", type=click.IntRange(1, 2**16), help="Number of experts N (preset's by default).")
+@click.option("--top-k", type=click.IntRange(1, 1024), help="Experts per token (preset's by default).")
+@click.option("--d-model", type=click.IntRange(1, 2**16))  # bounds: what an export's manifest may declare
+@click.option("--d-ff", type=click.IntRange(1, 2**18))
+@click.option("--layers", type=click.IntRange(1, 1024))
+@click.option("--steps", type=click.IntRange(1, 10**9), help="Optimizer steps (preset's by default).")
+@click.option("--batch", type=click.IntRange(1, 2**16))
+@click.option("--seq", type=click.IntRange(1, 2**20))
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True, max=10))
+@click.option("--eval-every", type=click.IntRange(1, 10**9))
 @click.option("--per-tensor-scale", is_flag=True, help="One ternary scale per matrix instead of per row.")
 @click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True)
-@click.option("--bpe-vocab", type=int, default=4096, show_default=True)
+@click.option("--bpe-vocab", type=click.IntRange(257, 2**21), default=4096, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--seed", type=int, help="Random seed [default: 0; a resumed run keeps its own].")
 @click.option("--resume", is_flag=True, help="Continue from --out's saved training state.")
@@ -41,8 +84,13 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
     if per_tensor_scale:
         model["per_row_scale"] = False
     run = {"steps": steps, "batch": batch, "seq": seq, "lr": lr, "eval_every": eval_every, "seed": seed}
-    train(data, out, preset, {k: v for k, v in model.items() if v is not None},
-          {k: v for k, v in run.items() if v is not None}, tokenizer, bpe_vocab, device, resume, log=click.echo)
+    try:
+        train(data, out, preset, {k: v for k, v in model.items() if v is not None},
+              {k: v for k, v in run.items() if v is not None}, tokenizer, bpe_vocab, device, resume, log=click.echo)
+    except KeyError as exc:  # a saved training state without a field the trainer needs
+        if not resume:
+            raise
+        raise CheckpointError(f"{out} has an incomplete training state (no {exc}); it cannot be resumed") from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,14 +99,14 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
 @click.option("-n", "n_new", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens to generate.")
 @click.option("--backend", type=click.Choice(["auto", "ort", "numba"]), default="auto", show_default=True,
               help="auto: ONNX Runtime with the C++ ops when built, else the Numba reference runtime.")
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (at most this machine's cores).")
+@click.option("--temperature", type=FiniteFloat(min=0.0, max=100.0), default=0.8, show_default=True,
               help="Sampling temperature (seeded, so runs repeat); 0 = greedy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="Write the run's report here.")
 @click.option("--device", help="Plan for this device (bmoe devices lists them; or a .toml profile); "
               "off the device, threads are limited to its cores and its speed is estimated.")
-@click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True), help="Memory budget (MiB) for the plan "
+@click.option("--budget-mb", type=BUDGET_MB, help="Memory budget (MiB) for the plan "
               "(default: the device's RAM less its reserved share).")
 @click.option("--context", type=click.IntRange(min=1), help="Context length to plan the KV cache for "
               "(default: prompt + new tokens).")
@@ -75,12 +123,11 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
     from bmoe_runtime.runtime.generate import GenerationStats, Generator
     from bmoe_runtime.runtime.session import ModelSession
     from bmoe_runtime import default_model_dir
-    from bmoe_runtime.backends import ort_ops
     from bmoe_runtime.planning import ram
 
     model_dir = model_dir or default_model_dir()
-    if backend == "auto":
-        backend = "ort" if ort_ops.available() else "numba"
+    backend = _backend(backend)
+    threads = _cap_threads(threads)
     plan, slots = None, None
     if device or budget_mb or context:  # plan first, then allocate
         plan, threads = _run_plan(model_dir, backend, device or "host", budget_mb, context, threads, prompt, n_new)
@@ -89,9 +136,10 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
                                  lookahead=lookahead and slots is not None))
     click.echo(f"[bmoe] {model_dir} on {backend}", err=True)
     stats = GenerationStats()
-    sys.stdout.write(prompt)
+    tokens = gen.tokens(gen.tokenizer.encode(prompt), n_new, temperature, seed, stats)  # refuses bad settings now
+    sys.stdout.write(prompt)  # only once the run is known to be valid
     shown = ""
-    for _ in gen.tokens(gen.tokenizer.encode(prompt), n_new, temperature, seed, stats):
+    for _ in tokens:
         text = gen.tokenizer.decode(stats.tokens)
         sys.stdout.write(text[len(shown):])  # a byte token may complete a character only later
         sys.stdout.flush()
@@ -113,18 +161,15 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
 def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, context: int | None,
               threads: int | None, prompt: str, n_new: int) -> tuple[tuple, int | None]:
     """Plan before loading: refuse what cannot fit, limit threads off-device, say what is not implemented."""
-    import json
-    from pathlib import Path
-
     from bmoe_runtime.planning.devices import resolve_device
     from bmoe_runtime.errors import BmoeError
     from bmoe_runtime.format.manifest import read_manifest
     from bmoe_runtime.planning.planner import MIB, Settings, make_plan, overhead_in_this_process, refusal
-    from bmoe_runtime.format.tokenizer import tokenizer_from_dict
+    from bmoe_runtime.format.tokenizer import load_tokenizer
 
     dev = resolve_device(device)
-    manifest = read_manifest(model_dir, verify=False)  # the session verifies checksums when it loads
-    tok = tokenizer_from_dict(json.loads((Path(model_dir) / manifest["tokenizer"]).read_text(encoding="utf-8")))
+    manifest = read_manifest(model_dir, verify="size")  # the session checks sha256 as it reads the files
+    tok = load_tokenizer(model_dir, manifest)  # bounded, and its own sha256 checked
     n_prompt = len(tok.encode(prompt))
     if context is not None and context < n_prompt + n_new:
         raise BmoeError(f"--context {context} is shorter than the prompt ({n_prompt} tokens) + {n_new} new tokens")
@@ -229,7 +274,7 @@ def devices_cli():
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model_dir", required=False, type=click.Path())
 @click.option("--device", default="host", show_default=True, help="Profile name, alias, host, or a .toml file.")
-@click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True), help="Memory budget in MiB.")
+@click.option("--budget-mb", type=BUDGET_MB, help="Memory budget in MiB.")
 @click.option("--context", type=click.IntRange(min=1), help="KV positions (default: the model's max_seq).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "ort", "numba"]), default="auto", show_default=True)
@@ -245,15 +290,12 @@ def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, ove
     import json
 
     from bmoe_runtime import default_model_dir
-    from bmoe_runtime.backends import ort_ops
     from bmoe_runtime.planning.devices import resolve_device
-    from bmoe_runtime.errors import BmoeError
     from bmoe_runtime.format.manifest import read_manifest
     from bmoe_runtime.planning.planner import MIB, Settings, make_plan, refusal
 
     model_dir = model_dir or default_model_dir()
-    if backend == "auto":
-        backend = "ort" if ort_ops.available() else "numba"
+    backend = _backend(backend)
     dev = resolve_device(device)
     runtime = runtime or dev.runtime
     if runtime == "native":
@@ -262,7 +304,7 @@ def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, ove
         backend = "ort"  # a native app runs ORT; the library need not be built on this host to plan for it
     budget = int(budget_mb * MIB) if budget_mb else None
     overhead = (int(overhead_mb * MIB), "given: --overhead-mb") if overhead_mb else None
-    plan = make_plan(read_manifest(model_dir, verify=False), dev, Settings(backend, context, None, batch,
+    plan = make_plan(read_manifest(model_dir, verify=True), dev, Settings(backend, context, None, batch,
                                                                             runtime=runtime),
                      budget, overhead, model_name=str(model_dir))
     click.echo(plan.table())
