@@ -268,7 +268,7 @@ def devices_cli():
                    f"{num(d.storage_latency_ms, 'g'):>8}  {','.join(d.isa)}")
     click.echo("aliases: " + ", ".join(f"{a} -> {n}" for a, n in ALIASES.items()))
     click.echo("host: read from this machine (budget = MemAvailable; bandwidths not measured)")
-    click.echo("* this machine is that board (its profile's detect markers match; bmoe-run --device measures on it)")
+    click.echo("marked *: this machine is that board (its detect markers match); bmoe-run --device measures on it")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -101,3 +101,86 @@ def test_bad_profile_on_the_cli_has_no_traceback(tmp_path):
     r = CliRunner().invoke(main_cli, ["plan", "--device", str(path)])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.strip().splitlines() == [f"Error: {path}: reserved_fraction must be a number in [0, 1), got 1.5"]
+
+
+# --- on-device detection: a faked board root ($BMOE_SYSROOT) -------------------------------------------------
+
+BOARDS = {"rpi5": "Raspberry Pi 5 Model B Rev 1.0", "jetson-orin-nano": "NVIDIA Jetson Orin Nano Developer Kit",
+          "jetson-nano": "NVIDIA Jetson Nano Developer Kit", "rpi4": "Raspberry Pi 4 Model B Rev 1.4"}
+
+
+def fake_board(tmp_path: Path, model: str) -> Path:
+    root = tmp_path / "sysroot"
+    (root / "proc" / "device-tree").mkdir(parents=True)
+    (root / "proc" / "device-tree" / "model").write_bytes(model.encode() + b"\0")  # the kernel NUL-terminates it
+    return root
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_each_board_is_recognised_as_itself_only(tmp_path, monkeypatch, board):
+    monkeypatch.setenv(devices.SYSROOT_ENV, str(fake_board(tmp_path, BOARDS[board])))
+    here = {d.name for d in devices.all_devices() if d.is_here}
+    assert here == {board, "host"}  # "Jetson Orin Nano" must not read as the original "Jetson Nano"
+    assert devices.detected_device().name == board
+
+
+def test_no_board_and_phones_are_never_here(tmp_path, monkeypatch):
+    monkeypatch.setenv(devices.SYSROOT_ENV, str(tmp_path))  # an x86 box: no device tree
+    assert [d.name for d in devices.all_devices() if d.is_here] == ["host"]
+    assert devices.detected_device() is None
+    phones = [resolve_device(n) for n in ("android-sd8gen2", "iphone-a17")]
+    assert all(p.detect == () and p.runtime == "native" for p in phones)
+
+
+def test_detect_paths_must_stay_under_the_root(tmp_path):
+    for bad in ('"/proc/device-tree/model"', '"../etc/passwd"'):
+        p = tmp_path / "dev.toml"
+        p.write_text("".join(f"{k} = {v}\n" for k, v in GOOD.items()) + f'[detect]\n{bad} = "x"\n')
+        with pytest.raises(BmoeError, match="must be relative to / without"):
+            devices.load_profile(p)
+
+
+def test_devices_cli_marks_the_board(tmp_path, monkeypatch):
+    monkeypatch.setenv(devices.SYSROOT_ENV, str(fake_board(tmp_path, BOARDS["rpi5"])))
+    r = CliRunner().invoke(main_cli, ["devices"])
+    assert r.exit_code == 0, r.output
+    marked = [line.split()[1] for line in r.output.splitlines() if line.startswith("* ") and len(line.split()) > 2]
+    assert marked == ["rpi5"]
+
+
+def _run(tmp_path, monkeypatch, device: str) -> tuple[dict, str]:
+    import json
+
+    r = CliRunner().invoke(main_cli, ["run", "--device", device, "-n", "4", "--temperature", "0",
+                                      "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    return json.loads((tmp_path / "r.json").read_text()), r.output
+
+
+@pytest.mark.parametrize("board, device", [("rpi5", "rpi5"), ("jetson-orin-nano", "jetson")])
+def test_run_on_the_board_measures_and_estimates_nothing(tmp_path, monkeypatch, board, device):
+    monkeypatch.setenv(devices.SYSROOT_ENV, str(fake_board(tmp_path, BOARDS[board])))
+    monkeypatch.setenv("BMOE_OVERHEAD_MB", "300")  # this test process holds torch; the overhead is not the point
+    rep, out = _run(tmp_path, monkeypatch, device)
+    assert rep["on_device"] is True and "estimate" not in rep and rep["memory"]["peak_rss_bytes"] > 0
+    assert "NOT run" not in out and "ESTIMATE" not in out and f"measured on {board} itself" in out
+
+
+def test_run_on_another_board_says_it_is_not_the_device(tmp_path, monkeypatch):
+    monkeypatch.setenv(devices.SYSROOT_ENV, str(fake_board(tmp_path, BOARDS["jetson-orin-nano"])))
+    monkeypatch.setenv("BMOE_OVERHEAD_MB", "300")
+    rep, out = _run(tmp_path, monkeypatch, "rpi5")
+    assert rep["on_device"] is False and "estimate" in rep
+    assert "NOT run on rpi5" in out and "ESTIMATE for rpi5" in out
+
+
+def test_plan_for_a_phone_is_native(monkeypatch):
+    monkeypatch.delenv("BMOE_OVERHEAD_MB", raising=False)
+    r = CliRunner().invoke(main_cli, ["plan", "--device", "android-sd8gen2", "--json", "/dev/stdout"])
+    assert r.exit_code == 0, r.output
+    assert "runtime (native app; measured)" in r.output and "runtime (ort" not in r.output
+    r = CliRunner().invoke(main_cli, ["plan", "--device", "android-sd8gen2", "--runtime", "native", "--backend",
+                                      "numba"])
+    assert r.exit_code == 1 and "use --backend ort" in r.output
+    r = CliRunner().invoke(main_cli, ["plan", "--device", "rpi5", "--runtime", "native", "--overhead-mb", "41.5"])
+    assert r.exit_code == 0 and "runtime (native app; given)" in r.output and "41.500" in r.output
