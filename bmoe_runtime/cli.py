@@ -52,7 +52,8 @@ def _cap_threads(threads: int | None) -> int | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", required=True, type=click.Path(), help="Corpus: a directory with train/valid/test.txt, or one text file (split 90/10).")
+@click.option("--data", required=True, type=click.Path(), help="Corpus: a directory with train/valid/test.txt, or one "
+              "text file (split 90/10); tokenized once into memory-mapped shards in --cache-dir.")
 @click.option("--out", required=True, type=click.Path(), help="Checkpoint to write (model.pt).")
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default="tiny", show_default=True)
 @click.option("--variant", type=click.Choice(VARIANTS), default="butterfly", show_default=True)
@@ -67,26 +68,34 @@ def _cap_threads(threads: int | None) -> int | None:
 @click.option("--seq", type=click.IntRange(1, 2**20))
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True, max=10))
 @click.option("--eval-every", type=click.IntRange(1, 10**9))
+@click.option("--log-every", type=click.IntRange(1, 10**9), help="Steps between train-loss curve entries [default: 10].")
 @click.option("--per-tensor-scale", is_flag=True, help="One ternary scale per matrix instead of per row.")
 @click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True)
 @click.option("--bpe-vocab", type=click.IntRange(257, 2**21), default=4096, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--seed", type=int, help="Random seed [default: 0; a resumed run keeps its own].")
-@click.option("--resume", is_flag=True, help="Continue from --out's saved training state.")
+@click.option("--resume", is_flag=True, help="Continue from --out's saved training state (on any number of ranks).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Token-shard cache [default: $BMOE_CACHE_DIR, "
+              "else ~/.cache/bmoe/tokens].")
 @user_errors
 def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, steps, batch, seq, lr,
-              eval_every, per_tensor_scale, tokenizer, bpe_vocab, device, seed, resume):
-    """Train a ButterflyMoE language model (or a baseline) on a text corpus."""
+              eval_every, log_every, per_tensor_scale, tokenizer, bpe_vocab, device, seed, resume, cache_dir):
+    """Train a ButterflyMoE language model (or a baseline) on a text corpus.
+
+    Data-parallel on G GPUs: torchrun --nproc_per_node G -m bmoe_runtime.cli train --device cuda ...
+    (--batch is the global batch, split across the ranks)."""
     from bmoe_runtime.train.trainer import train
 
     model = {"variant": variant, "expert_form": expert_form, "n_experts": experts, "top_k": top_k,
              "d_model": d_model, "d_ff": d_ff, "n_layers": layers}
     if per_tensor_scale:
         model["per_row_scale"] = False
-    run = {"steps": steps, "batch": batch, "seq": seq, "lr": lr, "eval_every": eval_every, "seed": seed}
+    run = {"steps": steps, "batch": batch, "seq": seq, "lr": lr, "eval_every": eval_every, "log_every": log_every,
+           "seed": seed}
     try:
         train(data, out, preset, {k: v for k, v in model.items() if v is not None},
-              {k: v for k, v in run.items() if v is not None}, tokenizer, bpe_vocab, device, resume, log=click.echo)
+              {k: v for k, v in run.items() if v is not None}, tokenizer, bpe_vocab, device, resume, log=click.echo,
+              cache_dir=cache_dir)
     except KeyError as exc:  # a saved training state without a field the trainer needs
         if not resume:
             raise

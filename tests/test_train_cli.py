@@ -23,6 +23,14 @@ TINY_ARGS = ["--batch", "8", "--seq", "32", "--d-model", "32", "--d-ff", "64", "
 TINY_MODEL = dict(d_model=32, d_ff=64, n_layers=1, n_experts=4)
 
 
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Token shards go to a per-module temporary cache, never to ~/.cache."""
+    path = tmp_path_factory.getbasetemp() / "token-cache"
+    monkeypatch.setenv("BMOE_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def shakespeare(data_dir) -> Path:
     path = data_dir / "tinyshakespeare" / "input.txt"
@@ -63,11 +71,12 @@ def assert_one_line_error(result, expected: str, exit_code: int = 1):
     (["--preset", "huge"], "Invalid value for '--preset'", 2),
     (["--variant", "sparse"], "Invalid value for '--variant'", 2),
     (["--expert-form", "glu"], "Invalid value for '--expert-form'", 2),
-    (["--eval-every", "0"], "eval_every must be ≥ 1", 1),
-    (["--steps", "0"], "steps must be ≥ 1", 1),
-    (["--batch", "0"], "batch must be ≥ 1", 1),
-    (["--seq", "0"], "seq must be ≥ 1", 1),
-    (["--lr", "-1"], "lr must be > 0", 1),
+    (["--eval-every", "0"], "Invalid value for '--eval-every'", 2),
+    (["--log-every", "0"], "Invalid value for '--log-every'", 2),
+    (["--steps", "0"], "Invalid value for '--steps'", 2),
+    (["--batch", "0"], "Invalid value for '--batch'", 2),
+    (["--seq", "0"], "Invalid value for '--seq'", 2),
+    (["--lr", "-1"], "Invalid value for '--lr'", 2),
     (["--d-model", "30"], "not divisible by n_heads", 1),
     (["--experts", "2", "--top-k", "3"], "top_k 3 exceeds n_experts 2", 1),
 ])
@@ -121,11 +130,13 @@ def test_subprocess_errors_have_no_traceback(tmp_path, small_corpus):
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert r.stderr.strip().splitlines() == [f"Error: corpus not found: {tmp_path / 'missing.txt'}"]
-    # an error raised deep inside the trainer (after the corpus is read) still ends in one line
-    r = run_module("train", "--data", str(small_corpus), "--out", str(tmp_path / "m.pt"), "--eval-every", "0")
+    # an error raised deep inside the trainer (after the corpus is tokenized) still ends in one line
+    r = run_module("train", "--data", str(small_corpus), "--out", str(tmp_path / "m.pt"), "--seq", "20000",
+                   "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr + r.stdout
-    assert r.stderr.strip().splitlines()[-1] == "Error: eval_every must be ≥ 1, got 0"
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: split of "), r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("tokens is shorter than one sequence of 20000")
 
 
 def test_train_config_validation():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from typing import Iterable, Protocol
 
 
 class Tokenizer(Protocol):
@@ -37,7 +37,8 @@ class BPETokenizer:
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+    def train(cls, text: str | Iterable[str], vocab_size: int) -> "BPETokenizer":
+        """Train on `text`, or on its pieces (a corpus streamed from disk, cut between pre-tokens)."""
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = HFTokenizer(models.BPE())
@@ -45,8 +46,10 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
-        lines = text.splitlines(keepends=True)
-        tok.train_from_iterator((lines[i:i + 1000] for i in range(0, len(lines), 1000)), trainer=trainer)
+        pieces = [text] if isinstance(text, str) else text
+        batches = (lines[i:i + 1000] for piece in pieces
+                   for lines in [piece.splitlines(keepends=True)] for i in range(0, len(lines), 1000))
+        tok.train_from_iterator(batches, trainer=trainer)
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:

@@ -1,48 +1,140 @@
-"""The corpora in ../shared/data: WikiText-2 (given splits) and TinyShakespeare (90/10 by position)."""
+"""Corpora: which text is train/valid/test, read in bounded pieces (a corpus may be larger than RAM).
+
+A corpus is a directory with train.txt/valid.txt[/test.txt] (WikiText-2), or one text file split 90/10 by
+character position (TinyShakespeare). Files are streamed: scanned once for their hash, UTF-8 validity and
+length, then read piece by piece for tokenization (bmoe_runtime.train.shards).
+"""
 
 from __future__ import annotations
 
+import codecs
+import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-import torch
 
 from bmoe_runtime.errors import CorpusError
 
+SPLITS = ("train", "valid", "test")
+READ_BYTES = 1 << 20  # bytes read (and text tokenized) at a time
+MAX_PIECE_CHARS = 64 << 20  # a piece with no cut point in it this long is refused, not read whole
+MIN_FILE_CHARS = 1000
+# A piece ends just before a space or newline that follows a non-space character: no word, no line-internal
+# whitespace run and no pre-token of the byte-level BPE regex (GPT-2's) spans such a cut, so tokenizing the
+# pieces one by one gives exactly the tokens of the whole text. Searched in the reversed text for the last cut.
+_LAST_CUT = re.compile(r"[ \n](?=[^\s\x1c-\x1f])")
 
-@dataclass
-class Corpus:
+
+@dataclass(frozen=True)
+class SplitSpan:
+    """Characters [start, end) of one UTF-8 file (end None: to the end)."""
+    path: Path
+    start: int = 0
+    end: int | None = None
+
+
+@dataclass(frozen=True)
+class CorpusSource:
     name: str
-    train: str
-    valid: str
-    test: str  # TinyShakespeare has no test split: its valid split stands in
+    splits: dict[str, SplitSpan]  # train, valid, test (TinyShakespeare has no test split: valid stands in)
+    sha256: str  # of every file's bytes and the split rule: the corpus's identity in the token cache
 
 
-def load_corpus(path: str | Path) -> Corpus:
-    """A directory with train.txt/valid.txt/test.txt, or one text file split 90/10."""
+def scan_corpus(path: str | Path) -> CorpusSource:
+    """Check the corpus (exists, UTF-8, not empty) and hash it, streaming; raises CorpusError."""
     p = Path(path)
     if not p.exists():
         raise CorpusError(f"corpus not found: {p}")
     if p.is_dir():
-        files = {s: p / f"{s}.txt" for s in ("train", "valid", "test")}
-        if not files["train"].exists():
-            inner = sorted(p.glob("*.txt"))
+        files = {s: p / f"{s}.txt" for s in SPLITS}
+        if not files["train"].is_file():
+            inner = sorted(f for f in p.glob("*.txt") if f.is_file())
             if len(inner) == 1:
-                return load_corpus(inner[0])
+                return scan_corpus(inner[0])
             raise CorpusError(f"{p} holds no train.txt (expected train/valid/test.txt or a single .txt file)")
-        text = {s: f.read_text(encoding="utf-8") if f.exists() else "" for s, f in files.items()}
-        if not text["valid"]:
-            raise CorpusError(f"{p} has train.txt but no valid.txt")
-        return Corpus(p.name, text["train"], text["valid"], text["test"] or text["valid"])
+        scans = {s: _scan_file(f) for s, f in files.items() if f.is_file()}
+        if scans["train"][1] == 0:
+            raise CorpusError(f"{files['train']} is empty")
+        if scans.get("valid", (None, 0))[1] == 0:
+            raise CorpusError(f"{p} has train.txt but no valid.txt (or an empty one)")
+        if scans.get("test", (None, 0))[1] == 0:
+            files["test"], scans["test"] = files["valid"], scans["valid"]
+        spans = {s: SplitSpan(files[s]) for s in SPLITS}
+        rule = {s: [scans[s][0], 0, None] for s in SPLITS}
+        return CorpusSource(p.name, spans, _digest(rule))
+    sha, n_chars = _scan_file(p)
+    if n_chars < MIN_FILE_CHARS:
+        raise CorpusError(f"{p} is too small to train on ({n_chars} characters)")
+    cut = int(n_chars * 0.9)
+    spans = {"train": SplitSpan(p, 0, cut), "valid": SplitSpan(p, cut), "test": SplitSpan(p, cut)}
+    rule = {s: [sha, span.start, span.end] for s, span in spans.items()}
+    return CorpusSource(p.stem if p.stem != "input" else p.parent.name, spans, _digest(rule))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _scan_file(path: Path) -> tuple[str, int]:
+    """(sha256 of the bytes, number of characters), reading READ_BYTES at a time."""
+    sha, n_chars = hashlib.sha256(), 0
+    for raw, text in _decoded_blocks(path):
+        sha.update(raw)
+        n_chars += len(text)
+    return sha.hexdigest(), n_chars
+
+
+def _decoded_blocks(path: Path) -> Iterator[tuple[bytes, str]]:
+    """(raw bytes, their text) blocks; a character split across blocks comes out whole in the later one."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
     try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorpusError(f"{p} is not UTF-8 text: {exc}") from None
-    if len(text) < 1000:
-        raise CorpusError(f"{p} is too small to train on ({len(text)} characters)")
-    cut = int(len(text) * 0.9)
-    return Corpus(p.stem if p.stem != "input" else p.parent.name, text[:cut], text[cut:], text[cut:])
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(READ_BYTES)
+                pending = len(decoder.getstate()[0])
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as exc:
+                    raise CorpusError(f"{path} is not UTF-8 text (invalid byte at offset {offset - pending + exc.start}: "
+                                      f"{exc.reason})") from None
+                offset += len(raw)
+                yield raw, text
+                if not raw:
+                    return
+    except IsADirectoryError:
+        raise CorpusError(f"{path} is a directory, not a text file") from None
+
+
+def split_pieces(span: SplitSpan) -> Iterator[str]:
+    """The span's text in pieces of about READ_BYTES, each ending at a cut (see _LAST_CUT)."""
+    pos, carry = 0, ""
+    for _, text in _decoded_blocks(span.path):
+        lo, hi = max(span.start - pos, 0), len(text) if span.end is None else min(span.end - pos, len(text))
+        pos += len(text)
+        if lo < hi:
+            carry += text[lo:hi]
+        m = _LAST_CUT.search(carry[::-1])
+        if m:
+            cut = len(carry) - 1 - m.start()
+            yield carry[:cut]
+            carry = carry[cut:]
+        elif len(carry) > MAX_PIECE_CHARS:
+            raise CorpusError(f"{span.path} has {MAX_PIECE_CHARS >> 20}M characters without a space or line break "
+                              "after a word: not text bmoe can tokenize in pieces")
+        if span.end is not None and pos >= span.end:
+            break
+    if carry:
+        yield carry
+
+
+def split_text(span: SplitSpan) -> str:
+    """The whole span in memory (small corpora and evaluation scripts only)."""
+    return "".join(split_pieces(span))
 
 
 def count_words(text: str) -> int:
@@ -50,25 +142,27 @@ def count_words(text: str) -> int:
     return len(text.split()) + text.count("\n")
 
 
-class TokenStream:
-    """A split encoded once; random windows for training, contiguous ones for evaluation."""
+@dataclass
+class Corpus:
+    name: str
+    train: str
+    valid: str
+    test: str
 
-    def __init__(self, ids: list[int] | np.ndarray):
-        self.ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
 
-    def __len__(self) -> int:
-        return len(self.ids)
+def load_corpus(path: str | Path) -> Corpus:
+    """The corpus's three splits as strings (for small corpora; training streams them instead)."""
+    src = scan_corpus(path)
+    return Corpus(src.name, *(split_text(src.splits[s]) for s in SPLITS))
 
-    def batch(self, batch: int, seq: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self.ids) <= seq + 1:
-            raise CorpusError(f"split of {len(self.ids)} tokens is shorter than one sequence of {seq}")
-        start = torch.randint(0, len(self.ids) - seq - 1, (batch,), generator=gen)
-        rows = start[:, None] + torch.arange(seq + 1)
-        chunk = self.ids[rows]
-        return chunk[:, :-1], chunk[:, 1:]
 
-    def windows(self, seq: int, max_tokens: int | None = None):
-        """Non-overlapping (input, target) windows covering the split (or its first max_tokens)."""
-        n = len(self.ids) - 1 if max_tokens is None else min(len(self.ids) - 1, max_tokens)
-        for s in range(0, n - seq + 1, seq):
-            yield self.ids[s:s + seq][None], self.ids[s + 1:s + seq + 1][None]
+def step_starts(seed: int, step: int, n_tokens: int, batch: int, seq: int) -> np.ndarray:
+    """Start positions of the global batch of `step`: a pure function of (seed, step), so the data stream's
+    position is the step number, and every rank (whatever their number) draws its rows from the same batch."""
+    require_windows(n_tokens, seq)
+    return np.random.default_rng([seed, step]).integers(0, n_tokens - seq - 1, size=batch)
+
+
+def require_windows(n_tokens: int, seq: int) -> None:
+    if n_tokens <= seq + 1:
+        raise CorpusError(f"split of {n_tokens} tokens is shorter than one sequence of {seq}")

@@ -1,4 +1,5 @@
-"""Training: presets, AdamW with warmup + cosine, periodic evaluation, resumable checkpoints."""
+"""Training: presets, AdamW with warmup + cosine, periodic evaluation, exactly resumable checkpoints,
+data-parallel over the ranks torchrun starts, token shards memory-mapped from a cache."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bmoe_runtime.choices import PRESET_NAMES
-from bmoe_runtime.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from bmoe_runtime.train.data import Corpus, TokenStream, count_words, load_corpus
-from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.format.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, tokenizer_from_dict
+from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from bmoe_runtime.train.data import CorpusSource, require_windows, scan_corpus, split_pieces, step_starts
+from bmoe_runtime.train.distributed import Ranks, barrier, gather, mean, ranks_from_env, share, start, stop
+from bmoe_runtime.train.shards import TokenSplit, open_shards, prepare_tokens
 
 
 @dataclass
@@ -29,9 +37,10 @@ class TrainConfig:
     eval_every: int = 200
     eval_tokens: int = 32768  # per evaluation (None-like 0 = the whole split)
     seed: int = 0
+    log_every: int = 10  # steps between entries of the train-loss curve (the mean over ranks)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "seq", "eval_every"):  # 0 would divide by zero or train on nothing
+        for name in ("steps", "batch", "seq", "eval_every", "log_every"):  # 0 would divide by zero or train on nothing
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         for name in ("warmup", "eval_tokens"):
@@ -69,141 +78,222 @@ def make_optimizer(model: MoELM, tc: TrainConfig) -> torch.optim.AdamW:
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and not name.endswith("angles") else keep).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95))
+    on_cuda = all(p.is_cuda for p in decay + keep)  # fused: one kernel for all parameters (CPU keeps the loop)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), fused=on_cuda or None)
 
 
 @torch.no_grad()
-def evaluate(model: MoELM, stream: TokenStream, seq: int, max_tokens: int | None, device: str) -> float:
-    """Mean cross-entropy (nats/token) over contiguous windows."""
+def evaluate(model: MoELM, split: TokenSplit, seq: int, max_tokens: int | None, device: str) -> float:
+    """Mean cross-entropy (nats/token) over contiguous windows, read from the memmap 32 rows at a time."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
-    windows = list(stream.windows(seq, max_tokens or None))
-    for i in range(0, len(windows), 32):
-        x = torch.cat([w[0] for w in windows[i:i + 32]]).to(device)
-        y = torch.cat([w[1] for w in windows[i:i + 32]]).to(device)
-        logits, _ = model(x)
-        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
-                                                   reduction="sum").item()
+    for x, y in split.eval_batches(seq, max_tokens or None):
+        logits, _ = model(x.to(device))
+        y = y.to(device)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum").item()
         n += y.numel()
     model.train(was_training)
     return total / max(n, 1)
 
 
-def text_metrics(nll: float, text: str, n_tokens: int) -> dict:
+def text_metrics(nll: float, split: TokenSplit) -> dict:
     """Token loss → perplexity, bits per character and word-level perplexity of the split."""
-    total = nll * n_tokens
-    return {"loss": nll, "ppl": math.exp(nll), "bpc": total / (len(text) * math.log(2)),
-            "word_ppl": math.exp(total / max(1, count_words(text)))}
+    total = nll * (len(split) - 1)
+    return {"loss": nll, "ppl": math.exp(nll), "bpc": total / (split.chars * math.log(2)),
+            "word_ppl": math.exp(total / max(1, split.words))}
 
 
-def build_tokenizer(kind: str, corpus: Corpus, vocab: int) -> Tokenizer:
+def build_tokenizer(kind: str, source: CorpusSource, vocab: int) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "bpe":
-        return BPETokenizer.train(corpus.train, vocab)
+    if kind == "bpe":  # trained on the train split streamed piece by piece: same merges as on the whole text
+        return BPETokenizer.train(split_pieces(source.splits["train"]), vocab)
     raise ValueError(f"unknown tokenizer {kind!r}; expected byte or bpe")
+
+
+class LossOf(nn.Module):
+    """model.loss as a module's forward, so that DistributedDataParallel wraps (and syncs) the whole step."""
+
+    def __init__(self, model: MoELM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.loss(x, y)
+
+
+SAMPLER = "step-windows-v1"  # data_stream: the global batch of step s is step_starts(seed, s, ...)
+
+
+def noise_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The router-noise seed of one rank (and of a resumed run whose rank count changed)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def rng_state(device: str) -> dict:
+    """This process's CPU and (on CUDA) CUDA generator states: the router noise."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
 
 
 def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = None, train_overrides: dict | None = None,
           tokenizer: str = "byte", bpe_vocab: int = 4096, device: str = "cpu", resume: bool = False,
-          log=print) -> dict:
-    """Train (or resume) a model and write `out`; returns the final metrics."""
+          log=print, cache_dir: str | None = None) -> dict:
+    """Train (or resume) a model and write `out`; returns the final metrics (on rank 0; {} on other ranks).
+
+    Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every rank trains its share of each global batch with
+    DistributedDataParallel; rank 0 alone tokenizes, evaluates, logs and writes checkpoints.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
+    ranks = ranks_from_env()
+    say = log if ranks.main else (lambda *a: None)
     m_over, t_over = PRESETS[preset]
     tc = replace(TrainConfig(), **{**t_over, **(train_overrides or {})})
-    corpus = load_corpus(data)
 
-    state = None
+    ckpt = state = None
     if resume and Path(out).exists():
         ckpt = read_checkpoint(out)
         if "train_state" not in ckpt:
             raise CheckpointError(f"{out} holds no training state to resume from")
         state = ckpt["train_state"]
-        cfg = ModelConfig.from_dict(ckpt["config"])
-        tok = tokenizer_from_dict(ckpt["tokenizer"])
         saved = TrainConfig(**state["train_config"])
         ignored = {k: v for k, v in (train_overrides or {}).items() if getattr(saved, k, v) != v}
         if ignored:
-            log(f"--resume continues {out} with its saved settings; ignoring {ignored}")
+            say(f"--resume continues {out} with its saved settings; ignoring {ignored}")
         tc = saved
         if state["step"] >= tc.steps and "test" in ckpt.get("metrics", {}):
-            log(f"{out} already finished its {tc.steps} steps; nothing to resume")
+            say(f"{out} already finished its {tc.steps} steps; nothing to resume")
             return ckpt["metrics"]  # unchanged: no re-evaluation, no duplicate history entry
+    if tc.batch % ranks.world:
+        raise BmoeError(f"the global batch {tc.batch} does not split evenly across {ranks.world} ranks")
+    device = start(ranks, device)
+    try:
+        return _train(data, out, preset, m_over, overrides, tc, ckpt, tokenizer, bpe_vocab, device, ranks, say,
+                      cache_dir)
+    finally:
+        stop(ranks)
+
+
+def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | None, tokenizer: str, bpe_vocab: int,
+           device: str, ranks: Ranks, log, cache_dir) -> dict:
+    state = ckpt["train_state"] if ckpt else None
+    if ranks.main:  # tokenize once (or find the cached shards); the other ranks map the same files
+        source = scan_corpus(data)
+        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else build_tokenizer(tokenizer, source, bpe_vocab)
+        shards = prepare_tokens(source, tok, cache_dir)
+        log(f"{source.name}: {'tokenized into' if shards.built else 'token shards reused from'} {shards.path}")
+        shared = {"entry": str(shards.path), "tokenizer": tok.to_dict()}
+    shared = share(shared if ranks.main else None, ranks)
+    if not ranks.main:
+        tok, shards = tokenizer_from_dict(shared["tokenizer"]), open_shards(Path(shared["entry"]), verify=False)
+    if ckpt:
+        cfg = ModelConfig.from_dict(ckpt["config"])
     else:
-        tok = build_tokenizer(tokenizer, corpus, bpe_vocab)
         cfg = ModelConfig(**{**m_over, **(overrides or {}), "vocab_size": tok.vocab_size})
     if tc.seq > cfg.max_seq:
         cfg = replace(cfg, max_seq=tc.seq)
+    splits = shards.splits
+    require_windows(len(splits["train"]), tc.seq)  # before any progress bar is drawn
 
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = MoELM(cfg).to(device)
     opt = make_optimizer(model, tc)
-    gen = torch.Generator().manual_seed(tc.seed)
-    step, history = 0, []
+    torch.manual_seed(noise_seed(tc.seed, ranks.rank))  # router noise: each rank its own stream
+    step, history, curve = 0, [], []
     if state is not None:
         model.load_state_dict({k: v.to(device) for k, v in ckpt["state_dict"].items()})
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step, history = state["step"], list(state["history"])
-        log(f"resuming {out} at step {step}/{tc.steps}")
+        step, history, curve = state["step"], list(state["history"]), list(state.get("train_curve", []))
+        _restore_rng(state, tc, step, device, ranks, log)
+        if state.get("data_stream", {}).get("sampler", SAMPLER) != SAMPLER:
+            log(f"{out} was written by a data sampler this bmoe does not have: the rest of the run sees other windows")
+        log(f"resuming {out} at step {step}/{tc.steps}" + (f" on {ranks.world} ranks" if ranks.world > 1 else ""))
 
-    streams = {s: TokenStream(tok.encode(getattr(corpus, s))) for s in ("train", "valid", "test")}
+    net = LossOf(model)
+    if ranks.world > 1:
+        net = DistributedDataParallel(net, device_ids=[ranks.local] if device.startswith("cuda") else None,
+                                      broadcast_buffers=False)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.variant}/{cfg.expert_form} N={cfg.n_experts} d={cfg.d_model} d_ff={cfg.d_ff} L={cfg.n_layers}: "
-        f"{n_params / 1e6:.2f}M params; {corpus.name}: {len(streams['train']):,} train tokens ({tok.to_dict()['kind']})")
+        f"{n_params / 1e6:.2f}M params; {len(splits['train']):,} train tokens ({tok.to_dict()['kind']})"
+        + (f"; {ranks.world} ranks × batch {tc.batch // ranks.world}" if ranks.world > 1 else ""))
 
-    def checkpoint(metrics: dict) -> None:
+    def checkpoint(metrics: dict, rngs: list[dict]) -> None:
         save_checkpoint(out, model, tok, metrics, train_state={
-            "step": step, "train_config": asdict(tc), "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": history})
+            "step": step, "train_config": asdict(tc), "optimizer": opt.state_dict(), "history": history,
+            "train_curve": curve, "data_stream": {"sampler": SAMPLER, "seed": tc.seed, "next_step": step},
+            "rng": {"world": ranks.world, "cpu": [r["cpu"] for r in rngs], "cuda": [r["cuda"] for r in rngs]}})
 
     def run_eval(split: str, max_tokens: int | None) -> dict:
-        nll = evaluate(model, streams[split], tc.seq, max_tokens, device)
-        return text_metrics(nll, getattr(corpus, split), len(streams[split]) - 1) if not max_tokens else \
-            {"loss": nll, "ppl": math.exp(nll)}
+        nll = evaluate(model, splits[split], tc.seq, max_tokens, device)
+        return text_metrics(nll, splits[split]) if not max_tokens else {"loss": nll, "ppl": math.exp(nll)}
 
-    if step == 0:
+    if step == 0 and ranks.main:
         history.append({"step": 0, "valid": run_eval("valid", tc.eval_tokens)})
         log(f"step 0: valid loss {history[-1]['valid']['loss']:.4f}")
     model.train()
     t0, tokens_seen = time.time(), 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else \
+        torch.autocast("cpu", enabled=False)
+    rows = tc.batch // ranks.world
+    bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not ranks.main)
     while step < tc.steps:
-        x, y = streams["train"].batch(tc.batch, tc.seq, gen)
+        starts = step_starts(tc.seed, step, len(splits["train"]), tc.batch, tc.seq)
+        x, y = splits["train"].windows(starts[ranks.rank * rows:(ranks.rank + 1) * rows], tc.seq)
         x, y = x.to(device), y.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
         with autocast:
-            loss, ce = model.loss(x, y)
+            loss, ce = net(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
-        tokens_seen += x.numel()
-        if step % 10 == 0 or step == tc.steps:
-            ce_v = ce.item()
+        tokens_seen += tc.batch * tc.seq
+        bar.update(1)
+        evaluating = step % tc.eval_every == 0 and step < tc.steps
+        if step % tc.log_every == 0 or step == tc.steps or evaluating:
+            ce_v = mean(ce, ranks)  # every rank's share of the global batch
+            curve.append([step, ce_v])
             bar.set_postfix(loss=f"{ce_v:.3f}", ppl=f"{math.exp(ce_v):.1f}",
                             tok_s=f"{tokens_seen / (time.time() - t0):,.0f}")
-        bar.update(1)
-        if step % tc.eval_every == 0 and step < tc.steps:
-            history.append({"step": step, "train_loss": ce.item(), "valid": run_eval("valid", tc.eval_tokens)})
-            bar.write(f"step {step}: valid loss {history[-1]['valid']['loss']:.4f}")
-            checkpoint({"history": history})
+        if evaluating:
+            rngs = gather(rng_state(device), ranks)
+            if ranks.main:
+                history.append({"step": step, "train_loss": ce_v, "valid": run_eval("valid", tc.eval_tokens)})
+                bar.write(f"step {step}: valid loss {history[-1]['valid']['loss']:.4f}")
+                checkpoint({"history": history}, rngs)
     bar.close()
     elapsed = time.time() - t0
-    final = {"valid": run_eval("valid", 0), "test": run_eval("test", 0)}
-    history.append({"step": step, **final})
-    metrics = {**final, "history": history, "train_tokens": step * tc.batch * tc.seq, "train_seconds": elapsed,
-               "params": n_params, "corpus": corpus.name, "tokenizer": tok.to_dict()["kind"], "preset": preset,
-               "train_config": asdict(tc)}
-    checkpoint(metrics)
-    log(f"done: valid loss {final['valid']['loss']:.4f} (ppl {final['valid']['ppl']:.2f}, bpc {final['valid']['bpc']:.3f}), "
-        f"test loss {final['test']['loss']:.4f}; {elapsed:.0f}s; wrote {out}")
+    rngs = gather(rng_state(device), ranks)
+    metrics = {}
+    if ranks.main:
+        final = {"valid": run_eval("valid", 0), "test": run_eval("test", 0)}
+        history.append({"step": step, **final})
+        metrics = {**final, "history": history, "train_curve": curve, "train_tokens": step * tc.batch * tc.seq,
+                   "train_seconds": elapsed, "params": n_params, "corpus": shards.meta["corpus"]["name"],
+                   "tokenizer": tok.to_dict()["kind"], "preset": preset, "train_config": asdict(tc),
+                   "world_size": ranks.world}
+        checkpoint(metrics, rngs)
+        log(f"done: valid loss {final['valid']['loss']:.4f} (ppl {final['valid']['ppl']:.2f}, "
+            f"bpc {final['valid']['bpc']:.3f}), test loss {final['test']['loss']:.4f}; {elapsed:.0f}s; wrote {out}")
+    barrier(ranks)  # the other ranks leave once rank 0 has written the checkpoint
     return metrics
+
+
+def _restore_rng(state: dict, tc: TrainConfig, step: int, device: str, ranks: Ranks, log) -> None:
+    """Each rank's saved generator states; re-derived from (seed, rank, step) when the rank count changed."""
+    rng = state.get("rng") or {"world": 1, "cpu": [state["torch_rng"]], "cuda": [None]}  # older checkpoints
+    if rng["world"] != ranks.world:
+        torch.manual_seed(noise_seed(tc.seed, ranks.rank, step))
+        log(f"saved on {rng['world']} ranks, resumed on {ranks.world}: router noise re-seeded (the run continues "
+            "exactly from the saved weights, optimizer and data position, not bit-exactly as before)")
+        return
+    torch.set_rng_state(rng["cpu"][ranks.rank])
+    if device.startswith("cuda") and rng["cuda"][ranks.rank] is not None:
+        torch.cuda.set_rng_state(rng["cuda"][ranks.rank], device)
