@@ -5,7 +5,9 @@ ButterflyRotate vs MatMul by the materialised d×d rotation. Medians of many tim
 session runs, ratios against the baseline measured in the same process, 1 and 2
 intra-op threads. Not part of the test suite.
 
-    python benchmarks/bench_ops.py [--quick] [--out docs/benchmarks.md]
+    python benchmarks/bench_ops.py [--quick] [--out FILE]   (default runs/bench/ops/bench_ops.md)
+
+docs/benchmarks.md is written by hand from these tables; the script never writes into docs/.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from bmoe_runtime.backends import ort_ops  # noqa: E402
 from bmoe_runtime.format.packing import pack_trits  # noqa: E402
 
@@ -172,8 +176,11 @@ def main():
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per measurement")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--only", choices=["matmul", "rotate"])
-    p.add_argument("--out", help="also write the markdown tables to this file")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "ops" / "bench_ops.md",
+                   help="also write the markdown tables to this file (not under docs/)")
     args = p.parse_args()
+    if (REPO / "docs") in args.out.resolve().parents:
+        sys.exit(f"--out {args.out}: docs/ is curated by hand from the results; write the results elsewhere")
     if not ort_ops.available():
         sys.exit("libbmoe_ops.so is not built")
     threads = [int(t) for t in args.threads.split(",")]
@@ -189,9 +196,9 @@ def main():
                bench_rotate(args, threads, log) + [""]
     text = "\n".join(out)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n", encoding="utf-8")
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""Where benchmarks write: results under runs/bench/<name>/ (git-ignored) by default; tracked docs
+only with an explicit --update-docs, and then only between a doc's generated-block markers, so
+the hand-written text around a table is never lost."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+
+
+def results_dir(name: str, out: str | Path | None = None) -> Path:
+    """`out` if given, else runs/bench/<name>/; created."""
+    path = Path(out) if out else REPO / "runs" / "bench" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def markers(tag: str) -> tuple[str, str]:
+    return f"<!-- generated:{tag} begin -->", f"<!-- generated:{tag} end -->"
+
+
+def replace_block(doc: Path, tag: str, text: str) -> None:
+    """Replace what lies between the doc's `tag` markers with `text`; the rest of the doc is kept.
+    Exits with a message (changing nothing) if the markers are missing."""
+    begin, end = markers(tag)
+    old = doc.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if len(pattern.findall(old)) != 1:
+        raise SystemExit(f"{doc}: expected one generated block '{begin}' … '{end}'; nothing written")
+    doc.write_text(pattern.sub(lambda _: f"{begin}\n{text.strip()}\n{end}", old), encoding="utf-8")
