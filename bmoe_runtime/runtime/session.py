@@ -10,19 +10,23 @@ angle_cache_slots, experts' angles are streamed from angles.bin (streaming.py).
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import _get_all_tensors, uses_external_data  # every tensor, subgraphs too
 
 from bmoe_runtime.backends import numba_ops
 
 from bmoe_runtime.format import op_schemas
 from bmoe_runtime.errors import BmoeError
-from bmoe_runtime.format.manifest import read_manifest
+from bmoe_runtime.format import untrusted
+from bmoe_runtime.format.manifest import read_manifest, read_verified
 
 BACKENDS = ("ort", "numba")
+MAX_GRAPH_BYTES = 2**30  # model.onnx without its weights (they are in external files)
 _NP_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64}
 
 
@@ -77,6 +81,19 @@ def _reference_ops():
     return [ButterflyRotate, TernaryMatMul, AnglePrefetch]
 
 
+def available_cores() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class ModelSession:
     """A loaded exported model. `run` is safe to call from several threads."""
 
@@ -89,11 +106,11 @@ class ModelSession:
         self.dir = Path(model_dir)
         self.manifest = read_manifest(self.dir, verify=verify)
         self.backend = backend
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise BmoeError(f"threads must be a whole number ≥ 1, got {threads!r}")
+        threads = min(threads, available_cores()) if threads else threads  # more only oversubscribe (and stall)
         path = str(self.dir / self.manifest["model"])
-        try:
-            proto = onnx.load(path, load_external_data=False)
-        except Exception as exc:  # protobuf raises its own DecodeError
-            raise BmoeError(f"{path} is not a readable ONNX model: {exc}") from None
+        proto = self._load_graph(verify)
         self.inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
         self.output_names = [o.name for o in proto.graph.output]
         streamed = None
@@ -106,10 +123,36 @@ class ModelSession:
         # MoE layers served by the router look-ahead prefetch (0 without it)
         self.lookahead_layers = int({p.key: p.value for p in (streamed or proto).metadata_props}
                                     .get("bmoe.lookahead_layers", 0))
-        if backend == "ort":
-            self._impl, self._lock = self._ort_session(path, threads, streamed), None
+        if backend == "ort":  # from the verified bytes, never re-read from the path
+            self._impl, self._lock = self._ort_session(path, threads, streamed or proto), None
         else:
-            self._impl, self._lock = self._reference_session(path, threads, streamed), threading.Lock()
+            self._impl, self._lock = self._reference_session(path, threads, streamed or proto), threading.Lock()
+
+    def _load_graph(self, verify: bool | str) -> onnx.ModelProto:
+        """model.onnx read once (size and sha256 checked unless verify is off), its external data confined
+        to the tensors the manifest lists: same file, offset, length and shape."""
+        m, name = self.manifest, self.manifest["model"]
+        data = (untrusted.read_bounded(self.dir / name, MAX_GRAPH_BYTES, "model") if verify in (False, "none")
+                else read_verified(self.dir, m, name, MAX_GRAPH_BYTES))
+        try:
+            proto = onnx.load_from_string(data)
+        except Exception as exc:  # protobuf raises its own DecodeError
+            raise BmoeError(f"{self.dir / name} is not a readable ONNX model: {_first_line(exc)}") from None
+        listed, seen = m["tensors"], set()
+        for t in _get_all_tensors(proto):
+            if not uses_external_data(t):
+                continue
+            ext = {e.key: e.value for e in t.external_data}
+            want = listed.get(t.name)
+            if want is None or t.name in seen or (ext.get("location"), ext.get("offset"), ext.get("length")) != \
+                    (want["file"], str(want["offset"]), str(want["bytes"])) or list(t.dims) != want["shape"]:
+                raise BmoeError(f"{self.dir / name}: external tensor {t.name[:80]!r} does not match the manifest")
+            seen.add(t.name)
+        if seen != set(listed):
+            raise BmoeError(f"{self.dir / name}: the graph lacks tensors the manifest lists, e.g. "
+                            f"{sorted(set(listed) - seen)[0][:80]!r}")
+        return proto
+
 
     @staticmethod
     def _ort_session(path: str, threads: int | None, model: onnx.ModelProto | None = None):
@@ -118,7 +161,10 @@ class ModelSession:
         from bmoe_runtime.backends import ort_ops
 
         opts = ort.SessionOptions()
-        ort_ops.register(opts)
+        try:
+            ort_ops.register(opts)
+        except Exception as exc:  # not found, or not a loadable op library ($BMOE_OPS_LIB)
+            raise BmoeError(f"the ai.bmoe op library cannot be loaded: {_first_line(exc)}") from None
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
@@ -186,6 +232,9 @@ class ModelSession:
             raise BmoeError(str(exc)) from None
         except Exception as exc:
             if type(exc).__module__.startswith("onnxruntime"):
-                raise BmoeError(f"ONNX Runtime: {str(exc).splitlines()[0][:300]}") from None
+                raise BmoeError(f"ONNX Runtime: {_first_line(exc)}") from None
+            if self._lock is not None:  # the reference evaluator reports a bad graph with numpy's errors
+                raise BmoeError(f"the numba runtime cannot run this model: {type(exc).__name__}: "
+                                f"{_first_line(exc)}") from None
             raise
         return dict(zip(self.output_names, values))
