@@ -20,7 +20,14 @@ class CorpusError(ValueError):
     """A corpus path that cannot be read as a corpus."""
 
 
-USER_ERRORS = (BmoeError, CheckpointError, CorpusError, ValueError, FileNotFoundError, PermissionError)
+# ValueError: bad values reach bmoe through numpy, tokenizers, torch; OSError: a path that cannot be
+# read or written (missing, a directory, no permission, disk full, a closed pipe).
+USER_ERRORS = (BmoeError, CheckpointError, CorpusError, ValueError, OSError)
+
+
+def one_line(exc: BaseException, limit: int = 2000) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -31,5 +38,5 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(exc)) from None
     return wrapper

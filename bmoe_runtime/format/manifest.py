@@ -6,12 +6,12 @@ Written by the exporter, verified by every runtime before anything is loaded.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from pathlib import Path
 
 import onnx
 
-from bmoe_runtime.format import op_schemas
+from bmoe_runtime.format import op_schemas, schema, untrusted
 from bmoe_runtime.errors import BmoeError
 
 MANIFEST, FORMAT, VERSION = "manifest.json", "bmoe-export", 1
@@ -68,34 +68,45 @@ def build_manifest(out: Path, model: onnx.ModelProto, meta: dict) -> dict:
             **meta, "bytes_by_kind": by_kind, "tensors": tensors, "angle_tables": angle_tables, "files": files}
 
 
-def read_manifest(model_dir: str | Path, verify: bool = True) -> dict:
-    """Load manifest.json; with verify, check every listed file's size and sha256."""
+MAX_MANIFEST_BYTES = 16 * 2**20
+VERIFY_LEVELS = ("sha256", "size", "none")
+
+
+def read_manifest(model_dir: str | Path, verify: bool | str = True) -> dict:
+    """Load and validate manifest.json (schema.py), then check the files it lists.
+
+    verify: "sha256" (True) — every listed file is a regular file inside the directory with its
+    size and sha256; "size" — the same without hashing (cheap: one fstat a file; for a caller that
+    verifies the hashes when it loads); "none" (False) — the manifest alone (tests of lower layers).
+    """
+    level = {True: "sha256", False: "none"}.get(verify, verify)
+    if level not in VERIFY_LEVELS:
+        raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     d = Path(model_dir)
     path = d / MANIFEST
     if not d.is_dir():
         raise BmoeError(f"model directory not found: {d}")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise BmoeError(f"{d} is not an exported bmoe model (no {MANIFEST}); export one with bmoe-export")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BmoeError(f"{path} is not valid JSON: {exc}") from None
+    m = untrusted.parse_json(untrusted.read_bounded(path, MAX_MANIFEST_BYTES, "manifest"), str(path))
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise BmoeError(f"{path} is not a bmoe export manifest")
     if m.get("version") != VERSION:
-        raise BmoeError(f"{path} has export version {m.get('version')}; this bmoe reads version {VERSION}")
+        raise BmoeError(f"{path} has export version {str(m.get('version'))[:20]}; this bmoe reads version {VERSION}")
     domains = m.get("op_domains", {})
-    if domains.get(op_schemas.DOMAIN, op_schemas.VERSION) != op_schemas.VERSION:
-        raise BmoeError(f"{d} needs {op_schemas.DOMAIN} ops version {domains[op_schemas.DOMAIN]}, "
+    if isinstance(domains, dict) and domains.get(op_schemas.DOMAIN, op_schemas.VERSION) != op_schemas.VERSION:
+        raise BmoeError(f"{d} needs {op_schemas.DOMAIN} ops version {str(domains[op_schemas.DOMAIN])[:20]}, "
                         f"this bmoe implements version {op_schemas.VERSION}")
-    if verify:
-        for name, info in m.get("files", {}).items():
-            f = d / name
-            if not f.is_file():
-                raise BmoeError(f"{d}: file {name} listed in the manifest is missing")
-            if f.stat().st_size != info["bytes"]:
-                raise BmoeError(f"{d}: {name} has {f.stat().st_size} bytes, the manifest says {info['bytes']} "
-                                f"(truncated or replaced?)")
-            if sha256(f) != info["sha256"]:
-                raise BmoeError(f"{d}: {name} fails its sha256 check (corrupted or modified since export)")
+    schema.check_manifest(m, str(path))
+    if level != "none":
+        for name, info in m["files"].items():
+            untrusted.check_member(d, name, info["bytes"], info["sha256"] if level == "sha256" else None)
     return m
+
+
+def read_verified(model_dir: str | Path, manifest: dict, name: str, limit: int) -> bytes:
+    """A listed file's bytes, read once, size- and sha256-checked (refused above `limit` bytes)."""
+    info = manifest["files"][name]
+    if info["bytes"] > limit:
+        raise BmoeError(f"{model_dir}: {name} is {info['bytes']} bytes, more than the {limit} allowed")
+    return untrusted.read_member(Path(model_dir), name, info["bytes"], info["sha256"])

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 from typing import Iterable, Protocol
+
+from bmoe_runtime.errors import BmoeError
+from bmoe_runtime.format.manifest import read_verified
+from bmoe_runtime.format.untrusted import parse_json
 
 
 class Tokenizer(Protocol):
@@ -62,12 +66,31 @@ class BPETokenizer:
         return {"kind": "bpe", "json": self._tok.to_str()}
 
 
+MAX_TOKENIZER_BYTES = 64 * 2**20  # a 250k-token BPE vocabulary is ~20 MiB of JSON
+
+
 def tokenizer_from_dict(d: dict) -> Tokenizer:
     kind = d.get("kind") if isinstance(d, dict) else None
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "bpe":
+    if kind == "bpe" and isinstance(d.get("json"), str):
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(HFTokenizer.from_str(d["json"]))
-    raise ValueError(f"unknown tokenizer description: {json.dumps(d)[:80]}")
+        try:
+            return BPETokenizer(HFTokenizer.from_str(d["json"]))
+        except Exception as exc:  # the tokenizers package raises a bare Exception for a bad description
+            raise BmoeError(f"not a readable BPE tokenizer: {str(exc).splitlines()[0][:160] if str(exc) else exc!r}") \
+                from None
+    what = f"kind {str(kind)[:40]!r}" if isinstance(d, dict) else f"a {type(d).__name__}, not a table"
+    raise BmoeError(f"unknown tokenizer description ({what}); expected kind 'byte' or 'bpe' with its json")
+
+
+def load_tokenizer(model_dir: str | Path, manifest: dict) -> Tokenizer:
+    """An exported model's tokenizer: read once, bounded, after its size and sha256 are checked."""
+    name = manifest["tokenizer"]
+    data = read_verified(model_dir, manifest, name, MAX_TOKENIZER_BYTES)
+    where = f"{model_dir}: {name}"
+    try:
+        return tokenizer_from_dict(parse_json(data, where))
+    except BmoeError as exc:
+        raise BmoeError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None

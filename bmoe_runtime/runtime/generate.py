@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,7 +11,9 @@ import numpy as np
 
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.runtime.session import ModelSession
-from bmoe_runtime.format.tokenizer import Tokenizer, tokenizer_from_dict
+from bmoe_runtime.format.tokenizer import Tokenizer, load_tokenizer
+
+MAX_TEMPERATURE = 100.0  # beyond, sampling is uniform noise
 
 
 @dataclass
@@ -34,7 +36,10 @@ class Generator:
             raise BmoeError(f"{session.dir} is not a language model export (kind {m.get('kind')!r})")
         self.session = session
         self.cfg = m["config"]
-        self.tokenizer: Tokenizer = tokenizer_from_dict(json.loads((session.dir / m["tokenizer"]).read_text()))
+        self.tokenizer: Tokenizer = load_tokenizer(session.dir, m)
+        if self.tokenizer.vocab_size != self.cfg["vocab_size"]:
+            raise BmoeError(f"{session.dir}: the tokenizer has {self.tokenizer.vocab_size} tokens, the model "
+                            f"{self.cfg['vocab_size']}")
         self.n_layers, self.n_heads = self.cfg["n_layers"], self.cfg["n_heads"]
         self.d_head = self.cfg["d_model"] // self.n_heads
 
@@ -53,16 +58,29 @@ class Generator:
         present = [out[n.replace("past", "present", 1)] for n in names]
         return out["logits"], present
 
-    def tokens(self, prompt_ids: list[int], n_new: int, temperature: float = 0.0, seed: int = 0,
-               stats: GenerationStats | None = None) -> Iterator[int]:
-        """Yield n_new tokens, greedy (temperature 0) or sampled."""
+    def check(self, prompt_ids: list[int], n_new: int, temperature: float = 0.0) -> None:
+        """Everything `tokens` would refuse, refused now (before a caller prints anything)."""
         if not prompt_ids:
             raise BmoeError("the prompt is empty")
         if max(prompt_ids) >= self.cfg["vocab_size"] or min(prompt_ids) < 0:
             raise BmoeError("prompt token ids are outside the model's vocabulary")
+        if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 1:
+            raise BmoeError(f"the number of new tokens must be a whole number ≥ 1, got {n_new!r}")
         if len(prompt_ids) + n_new > self.cfg["max_seq"]:
             raise BmoeError(f"prompt ({len(prompt_ids)} tokens) + {n_new} new tokens exceed the model's "
                             f"max_seq {self.cfg['max_seq']}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and
+                0 <= temperature <= MAX_TEMPERATURE):
+            raise BmoeError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {temperature!r}")
+
+    def tokens(self, prompt_ids: list[int], n_new: int, temperature: float = 0.0, seed: int = 0,
+               stats: GenerationStats | None = None) -> Iterator[int]:
+        """Yield n_new tokens, greedy (temperature 0) or sampled; bad arguments raise here, not at the first next()."""
+        self.check(prompt_ids, n_new, temperature)
+        return self._tokens(prompt_ids, n_new, temperature, seed, stats)
+
+    def _tokens(self, prompt_ids: list[int], n_new: int, temperature: float, seed: int,
+                stats: GenerationStats | None) -> Iterator[int]:
         rng = np.random.default_rng(seed)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt_ids)
@@ -71,7 +89,8 @@ class Generator:
         for i in range(n_new):
             last = logits[0, -1].astype(np.float64)
             if temperature > 0:
-                p = np.exp((last - last.max()) / temperature)
+                with np.errstate(over="ignore", under="ignore"):  # a tiny temperature is greedy, not a warning
+                    p = np.exp((last - last.max()) / temperature)
                 nxt = int(rng.choice(len(p), p=p / p.sum()))
             else:
                 nxt = int(np.argmax(last))

@@ -153,7 +153,6 @@ class ModelSession:
                             f"{sorted(set(listed) - seen)[0][:80]!r}")
         return proto
 
-
     @staticmethod
     def _ort_session(path: str, threads: int | None, model: onnx.ModelProto | None = None):
         import onnxruntime as ort
