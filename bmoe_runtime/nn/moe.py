@@ -7,8 +7,10 @@ An expert bank maps (token, expert) pairs [R, d_in] with their expert ids [R] to
   IndependentExperts N full matrices, full precision (`dense`) or ternary (`ternary`)
 
 The layer routes each token to its top-k experts. Two expert forms:
-  paper  y = W_out · GELU(Σ_k g_k · E_k(x)),  E_k: d→d_ff, W_out shared full precision
-         (as the paper's code; it is silent on the nonlinearity: we use exact GELU, no biases)
+  paper  y = W_out · GELU(Σ_k g_k · E_k(x)),  E_k: d→d_ff, W_out shared full precision.
+         The GELU is our choice, not the paper's: its public code applies the shared
+         projection (nn.Linear(d_ff, d), with bias) to the gated sum directly, with no
+         nonlinearity. We also drop that bias.
   ffn    y = Σ_k g_k · Down_k(GELU(Up_k(x))), both projections expert banks
 """
 
