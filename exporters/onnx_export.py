@@ -5,18 +5,21 @@ packed forms (packed.py) so every ButterflyMoE bank becomes
 ButterflyRotate → TernaryMatMul → ButterflyRotate. Initializers are then laid out by us:
 angle tables in their own file (the planner streams experts' angles from it, each
 expert a contiguous slice), everything else in weights.bin, 64-byte aligned for mmap.
-The directory is built under a temporary name and renamed into place only when
-complete and checked, so a failed export never leaves a directory that looks valid.
+The directory is built under a temporary name beside OUTDIR (format/staging.py) and renamed
+into place only when complete and checked, so a failed export never leaves a directory that
+looks valid, and a killed one's leftovers are removed by the next export to OUTDIR. OUTDIR may
+be absent or empty; a previous bmoe export there is replaced only with force; anything else
+(a user's files) is refused, never deleted.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,9 +28,10 @@ import onnx
 import torch
 from torch import nn
 
-from bmoe_runtime.format import op_schemas
+from bmoe_runtime.errors import BmoeError
+from bmoe_runtime.format import op_schemas, staging
 from bmoe_runtime.train.checkpoint import load_model
-from bmoe_runtime.format.manifest import MANIFEST, build_manifest, tensor_kind
+from bmoe_runtime.format.manifest import MANIFEST, build_manifest, read_manifest, tensor_kind
 from bmoe_runtime.nn.model import MoELM
 from bmoe_runtime.format.packing import PACKINGS
 
@@ -112,11 +116,35 @@ def _externalize(model: onnx.ModelProto, out: Path) -> None:
             f.close()
 
 
-def _write_dir(out_dir: Path, model: onnx.ModelProto, meta: dict, extra: dict[str, str]) -> Path:
+def check_out_dir(out_dir: Path, force: bool) -> bool:
+    """Whether out_dir holds a previous export to replace (only with force); raises for anything
+    that is not absent, an empty directory or a bmoe export of nothing but its listed files."""
+    if out_dir.is_symlink():
+        raise BmoeError(f"output {out_dir} is a symbolic link: give the directory itself")
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise BmoeError(f"output {out_dir} exists and is not a directory")
+    entries = {p.name for p in out_dir.iterdir()}
+    if not entries:
+        return False
+    try:
+        listed = set(read_manifest(out_dir, verify="none")["files"]) | {MANIFEST}
+    except BmoeError:
+        listed = set()
+    if not entries <= listed:
+        raise BmoeError(f"output {out_dir} is not empty and not a bmoe export (it holds "
+                        f"{', '.join(sorted(entries - listed)[:3])}): refusing to replace it; choose another -o")
+    if not force:
+        raise BmoeError(f"output {out_dir} holds a bmoe export: pass --force (force=True) to replace it")
+    return True
+
+
+def _write_dir(out_dir: Path, model: onnx.ModelProto, meta: dict, extra: dict[str, str], force: bool) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
+    legacy = (f".{glob.escape(out_dir.name)}.old-*",)  # set aside by bmoe versions before staging.py
+    with staging.staged_dir(out_dir, legacy) as tmp:
         _externalize(model, tmp)
         onnx.save(model, tmp / MODEL_FILE)
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
@@ -124,16 +152,16 @@ def _write_dir(out_dir: Path, model: onnx.ModelProto, meta: dict, extra: dict[st
             (tmp / name).write_text(text, encoding="utf-8")
         manifest = build_manifest(tmp, model, meta)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if out_dir.exists():  # replace the old export only once the new one is complete
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+        if not check_out_dir(out_dir, force):  # again: the directory may have changed while we exported
+            os.replace(tmp, out_dir)  # rename(2) replaces an empty directory atomically
+            return out_dir
+        with staging.set_aside(out_dir) as old:  # the old export, replaced only once the new one is complete
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
             shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -146,8 +174,10 @@ def _detached_memo(module: nn.Module) -> dict[int, torch.Tensor]:
 
 def export_module(module: nn.Module, example_inputs: tuple, out_dir: str | Path, input_names: list[str],
                   output_names: list[str], dynamic_shapes=None, options: ExportOptions | None = None,
-                  meta: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Export any nn.Module containing bmoe layers (its banks are packed on a copy)."""
+                  meta: dict | None = None, extra_files: dict[str, str] | None = None, force: bool = False) -> Path:
+    """Export any nn.Module containing bmoe layers (its banks are packed on a copy). force: replace
+    a previous bmoe export in out_dir."""
+    check_out_dir(Path(out_dir), force)  # before minutes of work
     options = options or ExportOptions()
     op_schemas.register()
     packed = copy.deepcopy(module, _detached_memo(module)).eval()
@@ -156,11 +186,13 @@ def export_module(module: nn.Module, example_inputs: tuple, out_dir: str | Path,
         model = _capture(packed, example_inputs, input_names, output_names, dynamic_shapes)
     meta = {"kind": "module", **(meta or {}), "export_options": asdict(options), "expert_banks": n_banks,
             "inputs": input_names, "outputs": output_names}
-    return _write_dir(Path(out_dir), model, meta, extra_files or {})
+    return _write_dir(Path(out_dir), model, meta, extra_files or {}, force)
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions | None = None) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
+                      force: bool = False) -> Path:
     """Export a bmoe-train checkpoint as an incremental decoder with a KV cache."""
+    check_out_dir(Path(out_dir), force)
     model, tok, ckpt = load_model(checkpoint)
     cfg = model.cfg
     d_head = cfg.d_model // cfg.n_heads
@@ -174,4 +206,4 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
             "tokenizer": "tokenizer.json", "kv_layout": "[batch, heads, positions, d_head]"}
     extra = {"tokenizer.json": json.dumps(tok.to_dict())}
     return export_module(DecodeStep(model), (ids, past), out_dir, ["input_ids", *kv_names(cfg.n_layers, "past")],
-                         ["logits", *kv_names(cfg.n_layers, "present")], dynamic, options, meta, extra)
+                         ["logits", *kv_names(cfg.n_layers, "present")], dynamic, options, meta, extra, force)
