@@ -14,18 +14,20 @@ from .packed import ANGLE_DTYPES
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path())
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Directory to write (replaced atomically).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="Directory to write: absent or empty (a previous export there only with --force).")
+@click.option("--force", is_flag=True, help="Replace the bmoe export in OUT (never a directory holding anything else).")
 @click.option("--packing", type=click.Choice(PACKINGS), default="2bit", show_default=True,
               help="Trit layout: 2bit (fast) or base3 (1.6 bits a weight).")
 @click.option("--angles", "angle_dtype", type=click.Choice(ANGLE_DTYPES), default="fp16", show_default=True)
 @click.option("--act-quant", is_flag=True, help="int8 activations in TernaryMatMul.")
 @user_errors
-def export_cli(checkpoint, out_dir, packing, angle_dtype, act_quant):
+def export_cli(checkpoint, out_dir, force, packing, angle_dtype, act_quant):
     """Export a bmoe-train checkpoint to ONNX with the ai.bmoe custom ops."""
     from .onnx_export import ExportOptions, export_checkpoint
 
     click.echo(f"exporting {checkpoint} ({packing} trits, {angle_dtype} angles) ...", err=True)
-    out = export_checkpoint(checkpoint, out_dir, ExportOptions(packing, angle_dtype, act_quant))
+    out = export_checkpoint(checkpoint, out_dir, ExportOptions(packing, angle_dtype, act_quant), force=force)
     manifest = json.loads((out / "manifest.json").read_text())
     for kind, n in sorted(manifest["bytes_by_kind"].items(), key=lambda kv: -kv[1]):
         click.echo(f"  {kind:<18} {n / 1024:10.1f} KiB")
