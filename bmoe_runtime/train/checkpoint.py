@@ -1,19 +1,28 @@
 """model.pt: a plain dict that loads with torch.load(weights_only=True) — no pickled code.
 
     {"format": "bmoe-checkpoint", "version": 1, "config": {...}, "state_dict": {...},
-     "tokenizer": {...}, "metrics": {...}, "train_state": {...} (optional, for --resume)}
+     "tokenizer": {...}, "metrics": {...}, "train_state": {...} (optional, for --resume),
+     "checksum": {"sha256": ...}}
+
+The checksum covers everything else in the file (tensors as dtype, shape and bytes; config,
+tokenizer, metrics, training state) and is verified on every load, so a flipped byte in a
+weight is an error rather than a silently different model. Checkpoints written before it
+existed load with a warning on stderr (integrity unverified); re-saving adds it.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from bmoe_runtime.errors import CheckpointError
+from bmoe_runtime.format.staging import staged_file
 from bmoe_runtime.nn.model import ModelConfig, MoELM
 from bmoe_runtime.format.tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -30,14 +39,36 @@ def save_checkpoint(path: str | Path, model: MoELM, tokenizer: Tokenizer, metric
             "tokenizer": tokenizer.to_dict(), "metrics": metrics}
     if train_state is not None:
         ckpt["train_state"] = train_state
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    ckpt["checksum"] = {"sha256": content_sha256(ckpt)}
+    with staged_file(path, legacy=(f"{glob.escape(path.name)}.*.tmp",)) as tmp:  # .tmp: before staging.py
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def content_sha256(ckpt: dict) -> str:
+    """sha256 of a checkpoint's content except its checksum: dict keys in sorted order, tensors as dtype,
+    shape and raw bytes, plain values by type and repr (exact for floats). Iterative: no recursion limit."""
+    h = hashlib.sha256()
+    todo: list = [{k: v for k, v in ckpt.items() if k != "checksum"}]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(v, dict):
+            items = sorted(v.items(), key=lambda kv: (type(kv[0]).__name__, str(kv[0])))
+            h.update(f"D{len(items)}:".encode())
+            for k, x in reversed(items):
+                todo += [x, k]
+        elif isinstance(v, (list, tuple)):
+            h.update(f"{type(v).__name__[0]}{len(v)}:".encode())
+            todo.extend(reversed(v))
+        elif v is None or isinstance(v, (bool, int, float, str, bytes)):
+            h.update(f"{type(v).__name__}:{v!r};".encode())
+        else:
+            raise CheckpointError(f"a checkpoint cannot hold a {type(v).__name__}")
+    return h.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -54,8 +85,24 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bmoe checkpoint (no format tag {FORMAT!r})")
     if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, this bmoe reads version {VERSION}")
+        raise CheckpointError(f"{path} has checkpoint version {str(ckpt.get('version'))[:20]}, "
+                              f"this bmoe reads version {VERSION}")
+    _verify_checksum(path, ckpt)
     return ckpt
+
+
+def _verify_checksum(path: Path, ckpt: dict) -> None:
+    if "checksum" not in ckpt:
+        logging.getLogger("bmoe").warning(f"warning: {path} has no checksum (written by an older bmoe): "
+                                          "its integrity is not verified")
+        return
+    want = ckpt["checksum"].get("sha256") if isinstance(ckpt["checksum"], dict) else None
+    try:
+        actual = content_sha256(ckpt)
+    except (RuntimeError, TypeError) as exc:  # a tensor torch cannot lay out as bytes
+        raise CheckpointError(f"{path} holds an unreadable value ({_describe(exc, 120)})") from None
+    if actual != want:
+        raise CheckpointError(f"{path} fails its checksum: corrupted or modified since it was saved")
 
 
 def load_model(path: str | Path) -> tuple[MoELM, Tokenizer, dict]:
