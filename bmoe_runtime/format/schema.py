@@ -149,8 +149,8 @@ def _lm_inconsistency(cfg: dict, tensors: dict, angle_tables: list) -> str | Non
     # The embeddings fix what the graph can index: positions up to max_seq, tokens up to vocab_size.
     for suffix, rows in (("tok_emb.weight", "vocab_size"), ("pos_emb.weight", "max_seq")):
         for name, t in tensors.items():
-            if name.endswith(suffix) and t["shape"] != [cfg[rows], cfg["d_model"]]:
-                return f"tensor {name} has shape {t['shape']}, config says [{rows} {cfg[rows]}, d_model {cfg['d_model']}]"
+            if name.endswith(suffix) and t["shape"][:1] != [cfg[rows]]:  # rows: columns may be packed
+                return f"tensor {_short(name)} has shape {t['shape']}: its rows are not config {rows} {cfg[rows]}"
     return None
 
 
