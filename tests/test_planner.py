@@ -166,7 +166,7 @@ def test_run_refuses_before_loading(monkeypatch):
 
 
 def test_measured_peak_matches_the_plan(tmp_path):
-    """A real run (the overhead probe included): measured peak RSS within 25% of the predicted peak."""
+    """A real run (the overhead probe included): measured peak RSS within 10% of the predicted peak."""
     env = {k: v for k, v in os.environ.items() if k != "BMOE_OVERHEAD_MB"}
     env["PYTHONPATH"] = str(REPO)
     r = subprocess.run([sys.executable, "-m", "bmoe_runtime.cli", "run", "--backend", "numba", "--device", "rpi5",
@@ -179,6 +179,7 @@ def test_measured_peak_matches_the_plan(tmp_path):
     mem = rep["memory"]
     assert rep["on_device"] is False and rep["threads"] <= 4 and rep["plan"]["overhead_source"].startswith("measured")
     assert mem["peak_rss_bytes"] >= mem["rss_bytes"] > 0 and mem["pss_bytes"] > 0
-    assert 0.75 <= mem["peak_rss_bytes"] / mem["predicted_peak_bytes"] <= 1.25, mem
+    # measured/predicted was 0.985-1.034 over 3 numba + 3 ort runs (docs/testing.md): ±10 % is a 3× margin
+    assert 0.90 <= mem["peak_rss_bytes"] / mem["predicted_peak_bytes"] <= 1.10, mem
     assert rep["estimate"]["label"].startswith("ESTIMATE") and rep["estimate"]["decode_tokens_per_s"] > 0
     assert "NOT run on rpi5" in r.stderr and "ESTIMATE for rpi5" in r.stderr
