@@ -1,7 +1,8 @@
 """Regenerate docs/results.md's tables and docs/ppl_vs_memory.png from benchmarks/reproduce/results.json.
 
-    python benchmarks/reproduce/make_results.py          # rewrites the block between the markers in docs/results.md
-    python benchmarks/reproduce/make_results.py --print  # tables to stdout only
+    python benchmarks/reproduce/make_results.py                 # tables to stdout, plot to runs/bench/results/
+    python benchmarks/reproduce/make_results.py --update-docs   # also rewrites docs/results.md's generated block
+                                                                 # (between its markers) and docs/ppl_vs_memory.png
 
 Expert memory is bmoe_runtime.nn.memory.model_memory's count (1.58-bit trits + fp32 row scales,
 fp16 angles, dense experts fp32), summed over the 4 layers; the column for sizes measured from
@@ -171,12 +172,16 @@ def plot(data: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--print", action="store_true")
+    ap.add_argument("--update-docs", action="store_true",
+                    help="rewrite the generated tables in docs/results.md and docs/ppl_vs_memory.png")
     a = ap.parse_args()
     data = json.loads(Path(a.results).read_text())
     md = tables(data)
-    if a.print:
-        print(md)
+    print(md)
+    if not a.update_docs:
+        out = ROOT / "runs" / "bench" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        plot(data, out / PNG.name)
         return
     plot(data, PNG)
     doc = DOC.read_text() if DOC.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
