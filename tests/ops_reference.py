@@ -75,3 +75,36 @@ def ternary_matmul(a, w_packed, scale, k, packing="2bit", act_quant=0) -> np.nda
     q, s = quantize_rows(a)
     acc = q.astype(np.int64) @ t.T  # exact
     return s.astype(np.float64)[:, None] * scale.astype(np.float64) * acc
+
+
+# ------------------------------------------------------------ what CI requires of the op library
+
+def ops_required() -> bool:
+    """BMOE_REQUIRE_OPS=1 (set by .ci/run): a missing libbmoe_ops.so fails the op tests instead of skipping them."""
+    import os
+
+    return os.environ.get("BMOE_REQUIRE_OPS") == "1"
+
+
+def cpu_variants() -> list[str]:
+    """The kernel variants this CPU supports, read from /proc/cpuinfo (independently of the library,
+    whose own detection is what is under test): every one of them must run."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
+    except OSError:
+        flags = set()
+    machine = platform.machine().lower()
+    found = ["scalar"]
+    if machine in ("x86_64", "amd64"):
+        if {"avx2", "fma"} <= flags:
+            found.append("avx2")
+            if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+                found.append("avx512")
+    elif machine in ("aarch64", "arm64"):
+        found.append("neon")  # mandatory on AArch64
+        if "asimddp" in flags:
+            found.append("dotprod")
+    return found

@@ -11,13 +11,23 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from bmoe_runtime.backends import ort_ops  # noqa: E402
+from bmoe_runtime.errors import BmoeError  # noqa: E402
 from bmoe_runtime.format.packing import pack_trits  # noqa: E402
 
-from ops_reference import butterfly_rotate, stages, ternary_matmul  # noqa: E402
+from ops_reference import butterfly_rotate, cpu_variants, ops_required, stages, ternary_matmul  # noqa: E402
 
-if not ort_ops.available():
-    pytest.skip("libbmoe_ops.so is not built (pip install -e . or cmake -S custom_ops -B build)",
-                allow_module_level=True)
+MISSING = "libbmoe_ops.so is not built (pip install -e . or cmake -S custom_ops -B build)"
+if not ort_ops.available() and not ops_required():
+    pytest.skip(MISSING, allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _library_present():
+    """With BMOE_REQUIRE_OPS=1 every test here fails, naming the cause, when the library is missing."""
+    if not ort_ops.available():
+        pytest.fail(f"BMOE_REQUIRE_OPS=1 and {MISSING}; BMOE_OPS_LIB={__import__('os').environ.get('BMOE_OPS_LIB')}",
+                    pytrace=False)
+
 
 ALL_VARIANTS = ("scalar", "avx2", "avx512", "neon", "dotprod")
 
@@ -37,10 +47,10 @@ def make_model(op, inputs, outputs=("Y",), initializers=(), **attrs):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.bmoe", 1)])
 
 
-def session(model, threads=1):
+def session(model, threads=1, model_dir=None):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    ort_ops.register(so)
+    ort_ops.register(so, model_dir)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -51,21 +61,9 @@ def run(op, inputs, const=(), threads=1, **attrs):
     return sess.run(None, feeds)[0]
 
 
-def _available(variant):
-    import os
-    old = os.environ.get("BMOE_KERNEL")
-    os.environ["BMOE_KERNEL"] = variant
-    try:
-        a = np.zeros((1, 4), np.float32)
-        run("TernaryMatMul", {"A": a, "W": np.zeros((1, 1), np.uint8), "s": np.ones(1, np.float32)}, K=4)
-        return True
-    except Exception:
-        return False
-    finally:
-        os.environ.pop("BMOE_KERNEL") if old is None else os.environ.__setitem__("BMOE_KERNEL", old)
-
-
-VARIANTS = [v for v in ALL_VARIANTS if _available(v)]
+# Every variant the CPU supports (by /proc/cpuinfo, not by asking the library): one that fails
+# to run fails its tests, it is never dropped.
+VARIANTS = cpu_variants()
 
 
 @pytest.fixture(params=VARIANTS)
@@ -75,18 +73,16 @@ def variant(request, monkeypatch):
     return request.param
 
 
-def test_variants_detected():
-    assert VARIANTS[0] == "scalar"
-    if __import__("platform").machine() in ("x86_64", "AMD64"):
-        assert "avx2" in VARIANTS or not _cpu_flag("avx2")
-        assert "avx512" in VARIANTS or not _cpu_flag("avx512bw")
-
-
-def _cpu_flag(flag):
-    try:
-        return flag in open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_library_detects_the_cpu_variants(monkeypatch, name):
+    """The library runs exactly the variants the CPU has and refuses the others by name."""
+    monkeypatch.setenv("BMOE_KERNEL", name)
+    a, w, s = np.ones((1, 4), np.float32), pack_trits(np.ones((1, 4), np.int8)), np.ones(1, np.float32)
+    if name in VARIANTS:
+        np.testing.assert_array_equal(run("TernaryMatMul", {"A": a, "W": w, "s": s}, K=4), [[4.0]])
+    else:
+        with pytest.raises(Exception, match=f"BMOE_KERNEL={name} is not available on this CPU"):
+            run("TernaryMatMul", {"A": a, "W": w, "s": s}, K=4)
 
 
 # ---------------------------------------------------------------------- TernaryMatMul
@@ -231,7 +227,7 @@ TMM_ERRORS = [
     (dict(W=_bad_code("2bit")), dict(act_quant=1), "invalid 2-bit trit code"),
     (dict(W=_bad_code("base3")), dict(packing="base3"), "invalid base3 byte"),
     ({}, dict(packing="base3"), "has 3 bytes per row, expected 2 for K = 10 \\(base3"),
-    ({}, dict(K=0), "attribute K must be >= 1"),
+    ({}, dict(K=0), "attribute K must be in \\[1, 16777216\\], got 0"),
     ({}, dict(K=None), "attribute K is required"),
     ({}, dict(packing="3bit"), "attribute packing must be"),
     ({}, dict(act_quant=2), "attribute act_quant must be 0 or 1"),
@@ -341,7 +337,7 @@ def test_library_path_env_override(monkeypatch, tmp_path):
     assert ort_ops.library_path() == real
     monkeypatch.setenv("BMOE_OPS_LIB", str(tmp_path / "missing.so"))
     assert ort_ops.library_path() is None and not ort_ops.available()
-    with pytest.raises(RuntimeError, match="libbmoe_ops.so not found"):
+    with pytest.raises(BmoeError, match="libbmoe_ops.so not found"):
         ort_ops.register(ort.SessionOptions())
 
 
@@ -350,16 +346,19 @@ def test_library_path_env_override(monkeypatch, tmp_path):
 _ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 
 
-def streamed_session(path, angles, offset, slots, scale=None, threads=1, transpose=0, **extra):
-    """One streamed ButterflyRotate reading `angles` [E, S, P/2] at `offset` of `path`."""
+def streamed_session(path, angles, offset, slots, scale=None, threads=1, transpose=0, model_dir=None, **extra):
+    """One streamed ButterflyRotate reading `angles` [E, S, P/2] at `offset` of `path`, which is
+    named relative to the model directory (by default path's own)."""
     inits = [numpy_helper.from_array(scale, "scale")] if scale is not None else []
-    attrs = dict(angle_file=str(path), angle_offset=offset, angle_experts=angles.shape[0],
+    model_dir = path.parent if model_dir is None else model_dir
+    attrs = dict(angle_file=path.name, angle_file_size=path.stat().st_size if path.exists() else 0,
+                 angle_offset=offset, angle_experts=angles.shape[0],
                  angle_dtype=_ONNX_DTYPE[angles.dtype.name], cache_slots=slots, transpose=transpose)
     attrs.update(extra)
     attrs = {k: v for k, v in attrs.items() if v is not None}
     inputs = {"X": np.zeros((1, 2), np.float32), "angles": None, "idx": np.zeros(1, np.int64),
               "scale": scale}
-    return session(make_model("ButterflyRotate", inputs, initializers=inits, **attrs), threads)
+    return session(make_model("ButterflyRotate", inputs, initializers=inits, **attrs), threads, model_dir)
 
 
 def write_angles(path, angles, pad=64):
@@ -424,7 +423,8 @@ STREAM_ERRORS = [
     (dict(angle_experts=None), "attribute angle_experts is required"),
     (dict(angle_dtype=7), "attribute angle_dtype must be 1 \\(float32\\), 10 \\(float16\\) or 3 \\(int8\\), got 7"),
     (dict(angle_offset=-1), "attribute angle_offset must be >= 0"),
-    (dict(angle_file="/nonexistent/angles.bin"), "cannot open angle_file '/nonexistent/angles.bin'"),
+    (dict(angle_file_size=None), "attribute angle_file_size is required with angle_file"),
+    (dict(angle_file="nope.bin"), "cannot open angle_file 'nope.bin' \\('.*/nope.bin'\\): No such file"),
 ]
 
 
@@ -449,9 +449,13 @@ def test_streamed_input_errors(tmp_path):
         sess.run(None, {"X": x, "idx": np.array([0, 3], np.int64)})
     # angles given as well as angle_file
     inputs = {"X": x, "angles": angles, "idx": np.zeros(2, np.int64), "scale": scale}
+    attrs = dict(angle_file="a.bin", angle_file_size=(tmp_path / "a.bin").stat().st_size, angle_offset=offset,
+                 angle_experts=3, angle_dtype=3, cache_slots=1)
     with pytest.raises(Exception, match="input angles must be omitted when angle_file is set"):
-        run("ButterflyRotate", inputs, angle_file=str(tmp_path / "a.bin"), angle_offset=offset, angle_experts=3,
-            angle_dtype=3, cache_slots=1)
+        sess = session(make_model("ButterflyRotate", inputs, **attrs), model_dir=tmp_path)
+        sess.run(None, {k: v for k, v in inputs.items() if v is not None})
+    with pytest.raises(Exception, match="attribute angle_file_size is only allowed with angle_file"):
+        run("ButterflyRotate", inputs, angle_file_size=1)
     with pytest.raises(Exception, match="attribute cache_slots is only allowed with angle_file"):
         run("ButterflyRotate", inputs, cache_slots=1)
     with pytest.raises(Exception, match="input angles is required"):

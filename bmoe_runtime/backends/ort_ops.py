@@ -6,7 +6,12 @@ import os
 import pathlib
 import sys
 
+from bmoe_runtime.errors import BmoeError
+
 LIB_NAME = "libbmoe_ops.so"
+# Session config entry read by the library when it is registered: the directory a streamed
+# angle_file is confined to (docs/ops.md, "angle_file: confined to the model directory").
+MODEL_DIR_KEY = "bmoe.model_dir"
 _PKG_DIR = pathlib.Path(__file__).resolve().parents[1]  # bmoe_runtime/
 
 
@@ -34,13 +39,19 @@ def available() -> bool:
     return library_path() is not None
 
 
-def register(sess_options) -> None:
-    """Register the ai.bmoe operators on an onnxruntime.SessionOptions."""
+def register(sess_options, model_dir: str | os.PathLike | None = None) -> None:
+    """Register the ai.bmoe operators on an onnxruntime.SessionOptions. `model_dir`: the
+    model's directory, to which streamed angle files are confined (without it, a streamed
+    node fails to load); it must be given here, as the library reads it when registered."""
     path = library_path()
     if path is None:
-        looked = "\n  ".join(str(p) for p in _candidates())
-        raise RuntimeError(
-            f"{LIB_NAME} not found (build it with `pip install -e .` or "
-            f"`cmake -S custom_ops -B build && cmake --build build`). Looked in:\n  {looked}"
-        )
-    sess_options.register_custom_ops_library(str(path))
+        looked = ", ".join(str(p) for p in _candidates())
+        raise BmoeError(f"{LIB_NAME} not found (build it with `pip install -e .` or "
+                        f"`cmake -S custom_ops -B build && cmake --build build`); looked in: {looked}")
+    if model_dir is not None:
+        sess_options.add_session_config_entry(MODEL_DIR_KEY, str(pathlib.Path(model_dir).resolve()))
+    try:
+        sess_options.register_custom_ops_library(str(path))
+    except Exception as exc:  # onnxruntime reports a bad library as a generic exception type
+        raise BmoeError(f"{path} cannot be loaded as the ai.bmoe op library: {str(exc).splitlines()[0][:300]}") \
+            from None

@@ -19,47 +19,64 @@ namespace bmoe {
 namespace {
 std::atomic<uint64_t> g_hits{0}, g_misses{0}, g_bytes_read{0}, g_prefetches{0}, g_prefetch_hits{0};
 
-struct Params {
-  std::string path;
-  int64_t offset;
-  size_t experts, elem_bytes, slots;
-  bool operator==(const Params& o) const {
-    return path == o.path && offset == o.offset && experts == o.experts && elem_bytes == o.elem_bytes &&
-           slots == o.slots;
-  }
-};
+bool same(const AngleCache::Params& a, const AngleCache::Params& b) {
+  return a.model_dir == b.model_dir && a.file == b.file && a.offset == b.offset && a.file_size == b.file_size &&
+         a.experts == b.experts && a.elem_bytes == b.elem_bytes && a.slots == b.slots;
+}
 std::mutex g_registry_mu;
-std::map<std::string, std::pair<Params, std::weak_ptr<AngleCache>>> g_registry;
+std::map<std::string, std::pair<AngleCache::Params, std::weak_ptr<AngleCache>>> g_registry;
 
 std::string err_text(int err) { return std::error_code(err, std::generic_category()).message(); }
 }  // namespace
 
-AngleCache::AngleCache(std::string path, int64_t offset, size_t experts, size_t elem_bytes, size_t slots)
-    : path_(std::move(path)), offset_(offset), experts_(experts), elem_bytes_(elem_bytes), slots_(slots),
-      entries_(experts) {
-  do {
-    fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-  } while (fd_ < 0 && errno == EINTR);
-  if (fd_ < 0) throw OpError("cannot open angle_file '" + path_ + "': " + err_text(errno));
+AngleCache::AngleCache(const Params& p)
+    : offset_(p.offset), file_size_(p.file_size), experts_(p.experts), elem_bytes_(p.elem_bytes), slots_(p.slots) {
+  ModelFile f = open_model_file(p.model_dir, p.file, "angle_file");
+  fd_ = f.fd;  // closed by the destructor, also when a check below throws
+  path_ = f.path;
+  struct Closer {
+    AngleCache* c;
+    bool armed = true;
+    ~Closer() {
+      if (armed) ::close(c->fd_), c->fd_ = -1;
+    }
+  } closer{this};
+  if (f.size != file_size_)
+    throw OpError("angle_file '" + path_ + "' has " + std::to_string(f.size) + " bytes, attribute angle_file_size says " +
+                  std::to_string(file_size_));
+  // Every table has S >= 1 stages of P/2 >= 1 angles: each expert needs at least elem_bytes.
+  const uint64_t avail = file_size_ > static_cast<uint64_t>(offset_) ? file_size_ - static_cast<uint64_t>(offset_) : 0;
+  if (experts_ > avail / elem_bytes_)
+    throw OpError("attribute angle_experts = " + std::to_string(experts_) + " does not fit in angle_file '" + path_ +
+                  "' (" + std::to_string(file_size_) + " bytes) from angle_offset = " + std::to_string(offset_));
+  closer.armed = false;
 }
 
-std::shared_ptr<AngleCache> AngleCache::shared(const std::string& key, const std::string& path, int64_t offset,
-                                               size_t experts, size_t elem_bytes, size_t slots) {
-  if (key.empty()) return std::make_shared<AngleCache>(path, offset, experts, elem_bytes, slots);
-  const Params want{path, offset, experts, elem_bytes, slots};
+std::shared_ptr<AngleCache> AngleCache::shared(const std::string& key, const Params& p) {
+  if (key.empty()) return std::make_shared<AngleCache>(p);
   std::lock_guard<std::mutex> lock(g_registry_mu);
   for (auto it = g_registry.begin(); it != g_registry.end();)  // forget caches no node uses any more
     it = it->second.second.expired() ? g_registry.erase(it) : std::next(it);
   auto it = g_registry.find(key);
   if (it != g_registry.end()) {
-    if (!(it->second.first == want))
+    if (!same(it->second.first, p))
       throw OpError("cache_key '" + key + "' is already used by a node with other angle_file, angle_offset, "
-                    "angle_experts, angle_dtype or cache_slots");
+                    "angle_file_size, angle_experts, angle_dtype or cache_slots");
     return it->second.second.lock();
   }
-  auto cache = std::make_shared<AngleCache>(path, offset, experts, elem_bytes, slots);
-  g_registry[key] = {want, cache};
+  auto cache = std::make_shared<AngleCache>(p);
+  g_registry[key] = {p, cache};
   return cache;
+}
+
+void AngleCache::check_extent(size_t S) const {
+  const size_t P = size_t{1} << S;
+  const uint64_t slice = checked_mul(checked_mul(S, P / 2, "angle slice"), elem_bytes_, "angle slice");
+  const uint64_t avail = file_size_ - static_cast<uint64_t>(offset_);  // >= 0: checked at creation
+  if (experts_ > avail / slice)
+    throw OpError("angle_file '" + path_ + "' (" + std::to_string(file_size_) + " bytes) cannot hold angle_experts = " +
+                  std::to_string(experts_) + " slices of " + std::to_string(slice) + " bytes (S = " +
+                  std::to_string(S) + ") from angle_offset = " + std::to_string(offset_));
 }
 
 AngleCache::~AngleCache() {
@@ -90,19 +107,19 @@ void AngleCache::read_slice(size_t e, size_t bytes, unsigned char* out) const {
 AngleCache::Table AngleCache::lookup(size_t e, size_t S, uint32_t tag) {
   std::lock_guard<std::mutex> lock(mu_);
   if (S != stages_) {  // another D: the file holds other tables; start over
-    for (size_t x : lru_) entries_[x].table.reset(), entries_[x].prefetched = false;
+    entries_.clear();
     lru_.clear();
     stages_ = S;
   }
-  Entry& en = entries_[e];
-  if (!en.table || en.tag != tag) return nullptr;
-  lru_.splice(lru_.begin(), lru_, en.lru);
+  Entry* en = find(e);
+  if (!en || en->tag != tag) return nullptr;
+  lru_.splice(lru_.begin(), lru_, en->lru);
   g_hits.fetch_add(1, std::memory_order_relaxed);
-  if (en.prefetched) {
-    en.prefetched = false;
+  if (en->prefetched) {
+    en->prefetched = false;
     g_prefetch_hits.fetch_add(1, std::memory_order_relaxed);
   }
-  return en.table;
+  return en->table;
 }
 
 size_t AngleCache::stages() {
@@ -112,9 +129,9 @@ size_t AngleCache::stages() {
 
 bool AngleCache::touch(size_t e, size_t S, uint32_t tag) {
   std::lock_guard<std::mutex> lock(mu_);
-  Entry& en = entries_[e];
-  if (S != stages_ || !en.table || en.tag != tag) return false;
-  lru_.splice(lru_.begin(), lru_, en.lru);
+  Entry* en = find(e);
+  if (S != stages_ || !en || en->tag != tag) return false;
+  lru_.splice(lru_.begin(), lru_, en->lru);
   return true;
 }
 
@@ -132,23 +149,28 @@ AngleCache::Table AngleCache::load(size_t e, size_t S, const Builder& build, boo
 AngleCache::Table AngleCache::insert(size_t e, size_t S, uint32_t tag, Table table, bool prefetch) {
   std::lock_guard<std::mutex> lock(mu_);
   if (S != stages_) return table;  // the cache moved to another D meanwhile: use, don't keep
-  Entry& en = entries_[e];
-  if (en.table) {  // another thread cached it meanwhile (or an old tag): keep the newest
-    lru_.splice(lru_.begin(), lru_, en.lru);
-    en.prefetched = prefetch && en.prefetched;  // a rotate's insert means the entry is used
+  Entry* en = find(e);
+  if (en) {  // another thread cached it meanwhile (or an old tag): keep the newest
+    lru_.splice(lru_.begin(), lru_, en->lru);
+    en->prefetched = prefetch && en->prefetched;  // a rotate's insert means the entry is used
   } else {
     if (lru_.size() >= slots_) {  // evict the least recently used; users keep their shared_ptr
-      entries_[lru_.back()].table.reset();
-      entries_[lru_.back()].prefetched = false;
+      entries_.erase(lru_.back());
       lru_.pop_back();
     }
     lru_.push_front(e);
-    en.lru = lru_.begin();
-    en.prefetched = prefetch;
+    en = &entries_[e];
+    en->lru = lru_.begin();
+    en->prefetched = prefetch;
   }
-  en.table = table;
-  en.tag = tag;
+  en->table = table;
+  en->tag = tag;
   return table;
+}
+
+AngleCache::Entry* AngleCache::find(size_t e) {
+  auto it = entries_.find(e);
+  return it == entries_.end() ? nullptr : &it->second;
 }
 
 AngleCache::Table AngleCache::acquire(size_t e, size_t S, uint32_t tag, const Builder& build) {

@@ -21,7 +21,10 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
+
+#include "model_file.h"
 
 namespace bmoe {
 
@@ -31,17 +34,28 @@ class AngleCache {
   // Fills `table` (table_floats(S, P) floats) from one expert's raw slice.
   using Builder = std::function<void(const void* raw, float* table)>;
 
-  // Opens `path` (throws OpError naming it if that fails). `elem_bytes` is the size
-  // of one stored angle (4, 2 or 1).
-  AngleCache(std::string path, int64_t offset, size_t experts, size_t elem_bytes, size_t slots);
+  // What a streamed node declares. `file` is opened inside `model_dir` (model_file.h);
+  // it must have exactly `file_size` bytes and hold at least `experts` slices of the
+  // smallest table (one angle each) from `offset`. `elem_bytes`: one stored angle (4, 2 or 1).
+  struct Params {
+    std::string model_dir, file;
+    int64_t offset;
+    uint64_t file_size;
+    size_t experts, elem_bytes, slots;
+  };
+
+  // Opens and checks the file (throws OpError naming it).
+  explicit AngleCache(const Params& p);
   ~AngleCache();
   AngleCache(const AngleCache&) = delete;
 
   // The cache for `key`: with an empty key a new one; otherwise the live cache
   // registered under `key` (created if none). Throws OpError if that cache was
   // opened with other parameters (file, offset, experts, element size, slots).
-  static std::shared_ptr<AngleCache> shared(const std::string& key, const std::string& path, int64_t offset,
-                                            size_t experts, size_t elem_bytes, size_t slots);
+  static std::shared_ptr<AngleCache> shared(const std::string& key, const Params& p);
+
+  // Throws OpError unless the file holds all `experts` slices of S stages from the offset.
+  void check_extent(size_t S) const;
   AngleCache& operator=(const AngleCache&) = delete;
 
   // The cos/sin table of expert `e` for S stages, built by `build` on a miss. `tag`
@@ -71,20 +85,22 @@ class AngleCache {
 
  private:
   struct Entry {
-    Table table;  // null when not cached
+    Table table;
     uint32_t tag = 0;
     bool prefetched = false;  // inserted by a prefetch and not hit since
-    std::list<size_t>::iterator lru;  // valid when table != null
+    std::list<size_t>::iterator lru;
   };
   void read_slice(size_t e, size_t bytes, unsigned char* out) const;
+  Entry* find(size_t e);  // the cached entry of expert e, or null (mu_ held)
 
-  const std::string path_;
-  const int64_t offset_;
-  const size_t experts_, elem_bytes_, slots_;
+  std::string path_;
+  int64_t offset_;
+  uint64_t file_size_;
+  size_t experts_, elem_bytes_, slots_;
   int fd_ = -1;
   std::mutex mu_;            // guards everything below
   size_t stages_ = 0;        // S the cached tables were built for (0: none yet)
-  std::vector<Entry> entries_;  // one per expert
+  std::unordered_map<size_t, Entry> entries_;  // cached experts only (at most ~slots_)
   std::list<size_t> lru_;    // cached experts, most recently used first
 };
 

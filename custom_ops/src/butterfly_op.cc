@@ -89,6 +89,9 @@ void build_table(const Tensor& angles, const Tensor& scale, size_t e, size_t S, 
   }
 }
 
+// Largest D (and so at most 24 stages): keeps every table size and index far from overflow.
+constexpr int64_t kMaxDim = int64_t{1} << 24;
+
 bool is_angle_type(ONNXTensorElementDataType t) {
   return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
          t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
@@ -111,11 +114,11 @@ struct Kernel {
                         const Tensor& scale, OrtKernelContext* ctx) const;
 };
 
-Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
+Kernel* create(const OrtApi* api, const OrtKernelInfo* info, const SessionConfig& cfg) {
   const int64_t t = attr_int(api, info, "transpose", 0);
   if (t != 0 && t != 1) throw OpError("attribute transpose must be 0 or 1, got " + std::to_string(t));
   std::unique_ptr<Kernel> k(new Kernel{api, t == 1, rotate_for(select_variant()), {}, nullptr});
-  k->stream = open_angle_stream(api, info, &k->stream_type, false);
+  k->stream = open_angle_stream(api, info, cfg, &k->stream_type, false);
   if (k->stream) {
     if (constant_input(api, info, 1).present) throw OpError("input angles must be omitted when angle_file is set");
     return k.release();
@@ -141,6 +144,8 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   if (X.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw OpError(std::string("input X must be float32, got ") + type_name(X.type));
   if (X.shape.size() != 2) throw OpError("input X must have rank 2 [M, D], got shape " + shape_str(X.shape));
   if (X.shape[1] < 2) throw OpError("input X must have D >= 2 columns, got shape " + shape_str(X.shape));
+  if (X.shape[1] > kMaxDim)
+    throw OpError("input X must have D <= " + std::to_string(kMaxDim) + " columns, got shape " + shape_str(X.shape));
   const size_t M = static_cast<size_t>(X.shape[0]), D = static_cast<size_t>(X.shape[1]);
   size_t S = 1;
   while ((size_t{1} << S) < D) ++S;
@@ -150,6 +155,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   ONNXTensorElementDataType angle_type;
   if (stream) {
     if (angles.present) throw OpError("input angles must be omitted when angle_file is set");
+    stream->check_extent(S);
     E = stream->experts();
     angle_type = stream_type;
   } else {
@@ -227,18 +233,16 @@ void Kernel::compute(OrtKernelContext* ctx) const {
 
 void Kernel::compute_streamed(const float* x, float* Y, size_t M, size_t D, size_t S, const int64_t* idx,
                               const Tensor& scale, OrtKernelContext* ctx) const {
-  const size_t E = stream->experts(), C = stream->slots(), P = size_t{1} << S;
-  // Rows grouped by expert (counting sort): order[first[e] .. first[e+1]) are expert e's rows.
-  std::vector<size_t> first(E + 1, 0), order(M);
-  for (size_t m = 0; m < M; ++m) ++first[(idx ? static_cast<size_t>(idx[m]) : 0) + 1];
-  for (size_t e = 0; e < E; ++e) first[e + 1] += first[e];
-  {
-    std::vector<size_t> next(first.begin(), first.end() - 1);
-    for (size_t m = 0; m < M; ++m) order[next[idx ? static_cast<size_t>(idx[m]) : 0]++] = m;
-  }
-  std::vector<size_t> used;
-  for (size_t e = 0; e < E; ++e)
-    if (first[e + 1] > first[e]) used.push_back(e);
+  const size_t C = stream->slots(), P = size_t{1} << S;
+  // Rows grouped by expert (a stable sort: memory independent of E): order[first[u] .. first[u+1])
+  // are the rows of expert used[u].
+  auto expert = [&](size_t m) { return idx ? static_cast<size_t>(idx[m]) : size_t{0}; };
+  std::vector<size_t> order(M), used, first;
+  for (size_t m = 0; m < M; ++m) order[m] = m;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return expert(a) < expert(b); });
+  for (size_t r = 0; r < M; ++r)
+    if (used.empty() || used.back() != expert(order[r])) used.push_back(expert(order[r])), first.push_back(r);
+  first.push_back(M);
 
   const ONNXTensorElementDataType type = stream_type;
   const float* scales = scale.present ? static_cast<const float*>(scale.data) : nullptr;
@@ -273,11 +277,11 @@ void Kernel::compute_streamed(const float* x, float* Y, size_t M, size_t D, size
       if (!err.empty()) throw OpError(err);
     for (size_t u : missing) tables[u] = stream->insert(used[g0 + u], S, tags[u], tables[u]);  // in expert order
 
-    // The group's rows are order[first[used[g0]] .. first[used[g0 + n - 1] + 1]).
-    const size_t r0 = first[used[g0]], r1 = first[used[g0 + n - 1] + 1];
+    // The group's rows are order[first[g0] .. first[g0 + n]).
+    const size_t r0 = first[g0], r1 = first[g0 + n];
     std::vector<const float*> row_table(r1 - r0);
     for (size_t u = 0; u < n; ++u)
-      for (size_t r = first[used[g0 + u]]; r < first[used[g0 + u] + 1]; ++r) row_table[r - r0] = tables[u]->data();
+      for (size_t r = first[g0 + u]; r < first[g0 + u + 1]; ++r) row_table[r - r0] = tables[u]->data();
     const size_t tasks = (r1 - r0 + rows_per_task - 1) / rows_per_task;
     auto task = [&](size_t t) {
       for (size_t r = r0 + t * rows_per_task; r < std::min(r1, r0 + (t + 1) * rows_per_task); ++r) {
@@ -292,35 +296,48 @@ void Kernel::compute_streamed(const float* x, float* Y, size_t M, size_t D, size
 
 }  // namespace
 
-constexpr const char* kStreamAttrs[] = {"angle_offset", "angle_experts", "angle_dtype", "cache_slots", "cache_key"};
+constexpr const char* kStreamAttrs[] = {"angle_offset", "angle_file_size", "angle_experts", "angle_dtype",
+                                        "cache_slots", "cache_key"};
 
-std::shared_ptr<AngleCache> open_angle_stream(const OrtApi* api, const OrtKernelInfo* info,
+std::shared_ptr<AngleCache> open_angle_stream(const OrtApi* api, const OrtKernelInfo* info, const SessionConfig& cfg,
                                               ONNXTensorElementDataType* type, bool required) {
-  const std::string file = attr_string(api, info, "angle_file", "");
-  if (file.empty()) {
+  bool has_file = false;
+  const std::string file = attr_string(api, info, "angle_file", "", &has_file);
+  if (!has_file) {
     if (required) throw OpError("attribute angle_file is required");
     for (const char* a : kStreamAttrs) {
       bool found = false;
-      if (std::string(a) == "cache_key") found = !attr_string(api, info, a, "").empty();
+      if (std::string(a) == "cache_key") attr_string(api, info, a, "", &found);
       else attr_int(api, info, a, 0, &found);
       if (found) throw OpError(std::string("attribute ") + a + " is only allowed with angle_file");
     }
     return nullptr;
   }
-  bool has_e = false, has_t = false, has_c = false;
+  if (file.empty()) throw OpError("attribute angle_file must not be empty");
+  bool has_e = false, has_t = false, has_c = false, has_s = false;
   const int64_t offset = attr_int(api, info, "angle_offset", 0);
+  const int64_t size = attr_int(api, info, "angle_file_size", 0, &has_s);
   const int64_t E = attr_int(api, info, "angle_experts", 0, &has_e);
   const int64_t dtype = attr_int(api, info, "angle_dtype", 0, &has_t);
   const int64_t C = attr_int(api, info, "cache_slots", 0, &has_c);
   const std::string key = attr_string(api, info, "cache_key", "");
   if (offset < 0) throw OpError("attribute angle_offset must be >= 0, got " + std::to_string(offset));
-  if (!has_e || E < 1) throw OpError("attribute angle_experts is required with angle_file and must be >= 1");
+  if (!has_s || size < 0)
+    throw OpError("attribute angle_file_size is required with angle_file and must be >= 0" +
+                  (has_s ? ", got " + std::to_string(size) : std::string()));
+  if (!has_e || E < 1)
+    throw OpError("attribute angle_experts is required with angle_file and must be >= 1" +
+                  (has_e ? ", got " + std::to_string(E) : std::string()));
   if (!has_t) throw OpError("attribute angle_dtype is required with angle_file");
   *type = static_cast<ONNXTensorElementDataType>(dtype);
-  if (!is_angle_type(*type))
+  if (dtype < 0 || dtype > 1000 || !is_angle_type(*type))
     throw OpError("attribute angle_dtype must be 1 (float32), 10 (float16) or 3 (int8), got " + std::to_string(dtype));
-  if (!has_c || C < 1) throw OpError("attribute cache_slots is required with angle_file and must be >= 1");
-  return AngleCache::shared(key, file, offset, static_cast<size_t>(E), angle_bytes(*type), static_cast<size_t>(C));
+  if (!has_c || C < 1)
+    throw OpError("attribute cache_slots is required with angle_file and must be >= 1" +
+                  (has_c ? ", got " + std::to_string(C) : std::string()));
+  AngleCache::Params p{cfg.model_dir, file, offset, static_cast<uint64_t>(size), static_cast<size_t>(E),
+                       angle_bytes(*type), static_cast<size_t>(std::min(C, E))};  // more slots than experts: no use
+  return AngleCache::shared(key, p);
 }
 
 void build_stream_table(ONNXTensorElementDataType type, const void* raw, float scale, size_t S, float* out) {
@@ -333,8 +350,8 @@ void build_stream_table(ONNXTensorElementDataType type, const void* raw, float s
 
 const OpDef kButterflyRotateDef = {
     "ButterflyRotate", 4, 1,
-    [](const OrtApi* api, const OrtKernelInfo* info, void** k) {
-      return guarded(api, "ButterflyRotate", [&] { *k = create(api, info); });
+    [](const OrtApi* api, const OrtKernelInfo* info, const SessionConfig& cfg, void** k) {
+      return guarded(api, "ButterflyRotate", [&] { *k = create(api, info, cfg); });
     },
     [](void* k, OrtKernelContext* ctx) {
       auto* kernel = static_cast<Kernel*>(k);

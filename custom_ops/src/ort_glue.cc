@@ -1,5 +1,7 @@
 #include "ort_glue.h"
 
+#include <cstdio>
+#include <limits>
 #include <memory>
 
 namespace bmoe {
@@ -13,7 +15,7 @@ void check_ort(const OrtApi* api, OrtStatus* st) {
 
 size_t Tensor::numel() const {
   size_t n = 1;
-  for (int64_t d : shape) n *= static_cast<size_t>(d);
+  for (int64_t d : shape) n = checked_mul(n, static_cast<size_t>(d), "tensor element count");
   return n;
 }
 
@@ -84,28 +86,91 @@ void* output(const OrtApi* api, OrtKernelContext* ctx, size_t index, const std::
   return data;
 }
 
-int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t dflt, bool* found) {
-  int64_t v = 0;
-  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &v);
-  if (found) *found = st == nullptr;
-  if (st) {
-    api->ReleaseStatus(st);
-    return dflt;
-  }
-  return v;
+namespace {
+bool ok(const OrtApi* api, OrtStatus* st) {
+  if (!st) return true;
+  api->ReleaseStatus(st);
+  return false;
 }
 
-std::string attr_string(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& dflt) {
+// The message of a failed status ("" for success), which is released.
+std::string error_of(const OrtApi* api, OrtStatus* st) {
+  if (!st) return "";
+  std::string msg = api->GetErrorMessage(st);
+  api->ReleaseStatus(st);
+  return msg.empty() ? "error" : msg;
+}
+
+// What attribute `name` is, when reading it as the declared type failed with `why`: "" if
+// it is absent. (The list getters of API 21 do not check the attribute's type, so an empty
+// list is not told apart from other kinds: ORT's message says whether the name exists.)
+std::string actual_type(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& why) {
+  int64_t i = 0;
+  float f = 0;
+  size_t n = 0;
+  if (ok(api, api->KernelInfoGetAttribute_int64(info, name, &i))) return "an int (" + std::to_string(i) + ")";
+  if (ok(api, api->KernelInfoGetAttribute_float(info, name, &f))) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.9g", static_cast<double>(f));
+    const bool plain = std::string(buf).find_first_of(".ein") == std::string::npos;
+    return std::string("a float (") + buf + (plain ? ".0)" : ")");
+  }
+  if (ok(api, api->KernelInfoGetAttribute_string(info, name, nullptr, &n))) return "a string";
+  OrtAllocator* alloc = nullptr;
+  OrtValue* t = nullptr;
+  if (ok(api, api->GetAllocatorWithDefaultOptions(&alloc)) &&
+      ok(api, api->KernelInfoGetAttribute_tensor(info, name, alloc, &t))) {
+    api->ReleaseValue(t);
+    return "a tensor";
+  }
+  if (ok(api, api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) && n) return "a list of ints";
+  if (ok(api, api->KernelInfoGetAttributeArray_float(info, name, nullptr, &n)) && n) return "a list of floats";
+  if (why.find("No attribute") != std::string::npos) return "";
+  return "another type (" + why + ")";
+}
+
+[[noreturn]] void wrong_type(const char* name, const char* want, const std::string& got) {
+  throw OpError(std::string("attribute ") + name + " must be " + want + ", got " + got);
+}
+}  // namespace
+
+int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t dflt, bool* found) {
+  int64_t v = 0;
+  const std::string why = error_of(api, api->KernelInfoGetAttribute_int64(info, name, &v));
+  const bool has = why.empty();
+  if (!has) {
+    const std::string got = actual_type(api, info, name, why);
+    if (!got.empty()) wrong_type(name, "an int", got);
+  }
+  if (found) *found = has;
+  return has ? v : dflt;
+}
+
+std::string attr_string(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& dflt,
+                        bool* found) {
   size_t size = 0;
-  OrtStatus* st = api->KernelInfoGetAttribute_string(info, name, nullptr, &size);
-  if (st) {  // absent (or not a string)
-    api->ReleaseStatus(st);
+  const std::string why = error_of(api, api->KernelInfoGetAttribute_string(info, name, nullptr, &size));
+  const bool has = why.empty();
+  if (found) *found = has;
+  if (!has) {
+    const std::string got = actual_type(api, info, name, why);
+    if (!got.empty()) wrong_type(name, "a string", got);
     return dflt;
   }
   std::string s(size, '\0');
   check_ort(api, api->KernelInfoGetAttribute_string(info, name, &s[0], &size));
   s.resize(size ? size - 1 : 0);  // size counts the terminating NUL
   return s;
+}
+
+size_t checked_mul(size_t a, size_t b, const char* what) {
+  if (b && a > std::numeric_limits<size_t>::max() / b) throw OpError(std::string(what) + " is too large");
+  return a * b;
+}
+
+size_t checked_add(size_t a, size_t b, const char* what) {
+  if (a > std::numeric_limits<size_t>::max() - b) throw OpError(std::string(what) + " is too large");
+  return a + b;
 }
 
 Tensor constant_input(const OrtApi* api, const OrtKernelInfo* info, size_t index) {

@@ -51,9 +51,15 @@ std::string shape_str(const std::vector<int64_t>& s);
 Tensor input(const OrtApi* api, OrtKernelContext* ctx, size_t index);
 void* output(const OrtApi* api, OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape);
 
-// Optional int/string attribute; returns `dflt` when absent.
+// Optional int/string attribute; returns `dflt` when absent. An attribute of another
+// type (e.g. transpose=1.0, packing=3) is an OpError naming it, never the default.
 int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t dflt, bool* found = nullptr);
-std::string attr_string(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& dflt);
+std::string attr_string(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& dflt,
+                        bool* found = nullptr);
+
+// a · b and a + b for sizes, or an OpError saying `what` is too large (no wrap-around).
+size_t checked_mul(size_t a, size_t b, const char* what);
+size_t checked_add(size_t a, size_t b, const char* what);
 
 // Constant initializer bound to input `index` at kernel creation, or an absent Tensor.
 Tensor constant_input(const OrtApi* api, const OrtKernelInfo* info, size_t index);

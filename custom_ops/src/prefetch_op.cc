@@ -10,6 +10,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "angle_cache.h"
@@ -27,11 +28,11 @@ struct Kernel {
   void compute(OrtKernelContext* ctx) const;
 };
 
-Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
+Kernel* create(const OrtApi* api, const OrtKernelInfo* info, const SessionConfig& cfg) {
   if (attr_string(api, info, "cache_key", "").empty())
     throw OpError("attribute cache_key is required (the cache of the ButterflyRotate nodes it fills)");
   std::unique_ptr<Kernel> k(new Kernel{api, nullptr, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED});
-  k->cache = open_angle_stream(api, info, &k->type, true);
+  k->cache = open_angle_stream(api, info, cfg, &k->type, true);
   return k.release();
 }
 
@@ -64,12 +65,13 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   // S is known once a ButterflyRotate has used the cache; before that, nothing to do.
   const size_t S = cache->stages();
   if (S == 0) return;
+  cache->check_extent(S);  // as the rotate that set S did
   // Distinct experts in order of first appearance (for top-k ids: best first), at most
   // C: a prefetch never evicts what it just brought in.
   std::vector<size_t> want;
-  std::vector<bool> seen(E, false);
+  std::unordered_set<size_t> seen;  // memory independent of E
   for (size_t i = 0; i < n && want.size() < C; ++i)
-    if (!seen[static_cast<size_t>(id[i])]) seen[static_cast<size_t>(id[i])] = true, want.push_back(static_cast<size_t>(id[i]));
+    if (seen.insert(static_cast<size_t>(id[i])).second) want.push_back(static_cast<size_t>(id[i]));
   for (size_t e : want) {
     const float sc = scales ? scales[e] : 1.0f;
     uint32_t tag;
@@ -89,8 +91,8 @@ void Kernel::compute(OrtKernelContext* ctx) const {
 
 const OpDef kAnglePrefetchDef = {
     "AnglePrefetch", 3, 2,
-    [](const OrtApi* api, const OrtKernelInfo* info, void** k) {
-      return guarded(api, "AnglePrefetch", [&] { *k = create(api, info); });
+    [](const OrtApi* api, const OrtKernelInfo* info, const SessionConfig& cfg, void** k) {
+      return guarded(api, "AnglePrefetch", [&] { *k = create(api, info, cfg); });
     },
     [](void* k, OrtKernelContext* ctx) {
       auto* kernel = static_cast<Kernel*>(k);

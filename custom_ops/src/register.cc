@@ -1,9 +1,9 @@
 // Registration entry points. Only these two symbols are exported. The operators
 // are described with the plain C OrtCustomOp struct and use nothing but the OrtApi
 // obtained from the OrtApiBase passed in, so the library does not link onnxruntime.
-#include <mutex>
+#include <memory>
 #include <new>
-#include <vector>
+#include <string>
 
 #include "op_def.h"
 #include "ort_glue.h"
@@ -15,10 +15,12 @@ namespace {
 
 constexpr const char* kDomain = "ai.bmoe";
 
-// OrtCustomOp first, so ORT's `const OrtCustomOp*` leads back to our OpDef.
+// OrtCustomOp first, so ORT's `const OrtCustomOp*` leads back to our OpDef and to the
+// session config of the registration that made it.
 struct CustomOp {
   OrtCustomOp op;
   const OpDef* def;
+  const SessionConfig* cfg;
 };
 
 // A kernel as ORT sees it: KernelCompute gets no OrtCustomOp, so keep the OpDef here.
@@ -27,13 +29,15 @@ struct Handle {
   void* impl;
 };
 
-const OpDef& def_of(const OrtCustomOp* op) { return *reinterpret_cast<const CustomOp*>(op)->def; }
+const CustomOp& custom_of(const OrtCustomOp* op) { return *reinterpret_cast<const CustomOp*>(op); }
+const OpDef& def_of(const OrtCustomOp* op) { return *custom_of(op).def; }
 
-CustomOp make_op(const OpDef* def) {
-  CustomOp c{};
+void make_op(CustomOp& c, const OpDef* def, const SessionConfig* cfg) {
+  c = CustomOp{};
   OrtCustomOp& o = c.op;
   o.version = kOrtApiVersion;  // the struct layout we were compiled with
   c.def = def;
+  c.cfg = cfg;
   o.GetName = [](const OrtCustomOp* op) { return def_of(op).name; };
   o.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };  // CPU
   // Inputs are declared type-agnostic so that dtype errors reach our own messages.
@@ -53,7 +57,7 @@ CustomOp make_op(const OpDef* def) {
   o.CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
     auto* h = new (std::nothrow) Handle{&def_of(op), nullptr};
     if (!h) return api->CreateStatus(ORT_FAIL, "out of memory");
-    OrtStatus* st = h->def->create(api, info, &h->impl);
+    OrtStatus* st = h->def->create(api, info, *custom_of(op).cfg, &h->impl);
     if (st) delete h;
     else *kernel = h;
     return st;
@@ -69,27 +73,42 @@ CustomOp make_op(const OpDef* def) {
   };
   o.GetStartVersion = [](const OrtCustomOp*) { return 1; };
   o.GetEndVersion = [](const OrtCustomOp*) { return 1; };
-  return c;
+}
+
+// One registration's ops and the session config they see. ORT owns neither the domain
+// nor the ops, and both must outlive every session using them: kept for the life of the
+// process (a few hundred bytes a registration).
+struct Registration {
+  SessionConfig cfg;
+  CustomOp ops[3];
+  OrtCustomOpDomain* domain = nullptr;
+};
+
+std::string config_entry(const OrtApi* api, const OrtSessionOptions* options, const char* key) {
+  int has = 0;
+  check_ort(api, api->HasSessionConfigEntry(options, key, &has));
+  if (!has) return "";
+  size_t size = 0;
+  check_ort(api, api->GetSessionConfigEntry(options, key, nullptr, &size));
+  std::string v(size, '\0');
+  check_ort(api, api->GetSessionConfigEntry(options, key, &v[0], &size));
+  v.resize(size ? size - 1 : 0);  // size counts the terminating NUL
+  return v;
 }
 
 OrtStatus* register_ops(OrtSessionOptions* options, const OrtApiBase* base) {
   const OrtApi* api = base ? base->GetApi(kOrtApiVersion) : nullptr;
   if (!api) return nullptr;  // ORT older than 1.21: no API to even report the error with
   return guarded(api, "RegisterCustomOps", [&] {
-    static CustomOp ops[] = {make_op(&kTernaryMatMulDef), make_op(&kButterflyRotateDef),
-                             make_op(&kAnglePrefetchDef)};
-    OrtCustomOpDomain* domain = nullptr;
-    check_ort(api, api->CreateCustomOpDomain(kDomain, &domain));
-    // ORT does not own the domain and it must outlive every session using it:
-    // keep it for the life of the process.
-    static std::mutex mu;
-    static std::vector<OrtCustomOpDomain*> domains;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      domains.push_back(domain);
-    }
-    for (CustomOp& c : ops) check_ort(api, api->CustomOpDomain_Add(domain, &c.op));
-    check_ort(api, api->AddCustomOpDomain(options, domain));
+    auto reg = std::make_unique<Registration>();
+    // Read now: ORT offers custom ops no access to the session options later (API 21).
+    reg->cfg.model_dir = config_entry(api, options, kModelDirKey);
+    const OpDef* defs[] = {&kTernaryMatMulDef, &kButterflyRotateDef, &kAnglePrefetchDef};
+    for (size_t i = 0; i < 3; ++i) make_op(reg->ops[i], defs[i], &reg->cfg);
+    check_ort(api, api->CreateCustomOpDomain(kDomain, &reg->domain));
+    Registration* r = reg.release();  // never freed (see Registration)
+    for (CustomOp& c : r->ops) check_ort(api, api->CustomOpDomain_Add(r->domain, &c.op));
+    check_ort(api, api->AddCustomOpDomain(options, r->domain));
   });
 }
 

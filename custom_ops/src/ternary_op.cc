@@ -99,6 +99,10 @@ void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L
   L.bad = bad != 0;
 }
 
+// Largest K: act_quant's int32 sums of K products |q·t| <= 127 stay exact (127 · 2^24 < 2^31),
+// and every size derived from K stays far from overflow.
+constexpr int64_t kMaxK = int64_t{1} << 24;
+
 struct Kernel {
   const OrtApi* api;
   int64_t K;
@@ -110,11 +114,15 @@ struct Kernel {
   void compute(OrtKernelContext* ctx) const;
 };
 
+// Bytes per packed row of K trits: ceil(K/5) or ceil(K/4), without overflow for any K >= 0.
+int64_t packed_row_bytes(int64_t K, bool base3) { return base3 ? K / 5 + (K % 5 != 0) : K / 4 + (K % 4 != 0); }
+
 Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
   bool has_k = false;
   const int64_t K = attr_int(api, info, "K", 0, &has_k);
   if (!has_k) throw OpError("attribute K is required");
-  if (K < 1) throw OpError("attribute K must be >= 1, got " + std::to_string(K));
+  if (K < 1 || K > kMaxK)
+    throw OpError("attribute K must be in [1, " + std::to_string(kMaxK) + "], got " + std::to_string(K));
   const std::string packing = attr_string(api, info, "packing", "2bit");
   if (packing != "2bit" && packing != "base3")
     throw OpError("attribute packing must be \"2bit\" or \"base3\", got \"" + packing + "\"");
@@ -123,7 +131,7 @@ Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
   std::unique_ptr<Kernel> kernel(new Kernel{api, K, packing == "base3", aq == 1, kernels_for(select_variant()), nullptr});
   // Constant, well-formed W (anything else is reported by compute): repack once for the LUT path.
   const Tensor W = constant_input(api, info, 1);
-  const int64_t Kb = packing == "base3" ? (K + 4) / 5 : (K + 3) / 4;
+  const int64_t Kb = packed_row_bytes(K, packing == "base3");
   if (kernel->kern.lut && aq == 0 && W.present && W.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 &&
       W.shape.size() == 2 && W.shape[0] >= 1 && W.shape[1] == Kb) {
     const size_t N = static_cast<size_t>(W.shape[0]), k = static_cast<size_t>(K), Kb2 = (k + 3) / 4;
@@ -153,7 +161,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   if (W.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
     throw OpError(std::string("input W_packed must be uint8, got ") + type_name(W.type));
   if (W.shape.size() != 2) throw OpError("input W_packed must have rank 2 [N, Kb], got shape " + shape_str(W.shape));
-  const int64_t Kb = base3 ? (K + 4) / 5 : (K + 3) / 4;
+  const int64_t Kb = packed_row_bytes(K, base3);
   if (W.shape[0] < 1) throw OpError("input W_packed must have N >= 1 rows, got shape " + shape_str(W.shape));
   if (W.shape[1] != Kb)
     throw OpError("input W_packed has " + std::to_string(W.shape[1]) + " bytes per row, expected " + std::to_string(Kb) +
@@ -283,7 +291,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
 
 const OpDef kTernaryMatMulDef = {
     "TernaryMatMul", 3, 3,
-    [](const OrtApi* api, const OrtKernelInfo* info, void** k) {
+    [](const OrtApi* api, const OrtKernelInfo* info, const SessionConfig&, void** k) {
       return guarded(api, "TernaryMatMul", [&] { *k = create(api, info); });
     },
     [](void* k, OrtKernelContext* ctx) {
