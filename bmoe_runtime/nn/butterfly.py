@@ -3,6 +3,10 @@
 The math (stage order, pairing, sign, padding) is docs/ops.md's `ButterflyRotate`;
 this module is its differentiable PyTorch form. Angles live in a table
 [E, S, P/2] (one butterfly per expert); every row of a batch may use its own expert.
+
+`butterfly_apply` is the readable reference and the CPU path. On CUDA, `ButterflyRotation`
+runs the fused Triton kernels of `butterfly_triton` instead (same math, float32 arithmetic);
+`use_fused(False)` switches back to the reference, e.g. to compare the two.
 """
 
 from __future__ import annotations
@@ -13,6 +17,28 @@ import torch
 from torch import nn
 
 from bmoe_runtime.format.butterfly_layout import active_mask, angle_shape, n_stages, padded_size  # noqa: F401 (re-exported)
+
+_fused_enabled = True
+
+
+def use_fused(enabled: bool) -> None:
+    """Choose the fused Triton kernels (default) or the PyTorch reference for CUDA tensors."""
+    global _fused_enabled
+    _fused_enabled = enabled
+
+
+def fused_applies(x: torch.Tensor, angles: torch.Tensor) -> bool:
+    """The fused path runs CUDA tensors up to float32 (float64 keeps the exact reference)."""
+    return (_fused_enabled and x.is_cuda and x.dtype != torch.float64 and angles.dtype != torch.float64)
+
+
+def row_groups(expert_index: torch.Tensor | None, x: torch.Tensor, n_experts: int):
+    """Rows grouped by expert for the fused kernels (None where the reference runs);
+    compute once and pass to every rotation of the same rows."""
+    if not (_fused_enabled and x.is_cuda):
+        return None
+    from bmoe_runtime.nn.butterfly_triton import RowGroups  # Triton only where CUDA is
+    return RowGroups(expert_index, x.shape[0], n_experts, x.device)
 
 
 def active_pairs(d: int) -> torch.Tensor:
@@ -66,15 +92,20 @@ class ButterflyRotation(nn.Module):
         s = torch.where(self.active, torch.sin(self.angles), torch.zeros_like(self.angles))
         return c, s
 
-    def forward(self, x: torch.Tensor, expert_index: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
-        """x [M, d]; expert_index [M] (int64) or None when E == 1."""
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor | None = None, transpose: bool = False,
+                groups=None) -> torch.Tensor:
+        """x [M, d]; expert_index [M] (int64) or None when E == 1; groups: `row_groups` of the same rows."""
         if x.shape[-1] != self.d:
             raise ValueError(f"expected last dim {self.d}, got {tuple(x.shape)}")
+        if expert_index is None and self.n_experts != 1:
+            raise ValueError("expert_index is required when the bank holds more than one expert")
+        if fused_applies(x, self.angles):
+            from bmoe_runtime.nn.butterfly_triton import butterfly_rotate
+            if groups is None:
+                groups = row_groups(expert_index, x, self.n_experts)
+            return butterfly_rotate(x, self.angles, groups, transpose)
         c, s = self.tables()
-        if expert_index is None:
-            if self.n_experts != 1:
-                raise ValueError("expert_index is required when the bank holds more than one expert")
-        else:
+        if expert_index is not None:
             # F.embedding gathers the same rows as c[expert_index], but its backward is a segmented sum:
             # advanced indexing's backward is very slow on CUDA with many repeated indices (pytorch#41162)
             e = c.shape[0]

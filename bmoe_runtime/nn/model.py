@@ -7,7 +7,6 @@ training (no cache), generation, and the exported decode graph.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -76,12 +75,14 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
-        p = k.shape[2] - t  # cached positions before this chunk
-        # query i sits at absolute position p + i and may see keys 0 .. p + i
-        mask = torch.arange(p + t, device=x.device)[None, :] <= (p + torch.arange(t, device=x.device))[:, None]
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.d_head))
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        if past is None:  # training and prefill: the fused (flash) causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            p = k.shape[2] - t  # cached positions before this chunk
+            # query i sits at absolute position p + i and may see keys 0 .. p + i
+            mask = torch.arange(p + t, device=x.device)[None, :] <= (p + torch.arange(t, device=x.device))[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(b, t, d)
         return self.out(y.reshape(b * t, d)).reshape(b, t, d), (k, v)
 
 

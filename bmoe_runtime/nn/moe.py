@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmoe_runtime.nn.butterfly import ButterflyRotation
+from bmoe_runtime.nn.butterfly import ButterflyRotation, row_groups
 from bmoe_runtime.choices import EXPERT_FORMS, VARIANTS
 from bmoe_runtime.nn.ternary import fake_quantize
 
@@ -47,9 +47,11 @@ class ButterflyExperts(nn.Module):
         return fake_quantize(self.weight, self.per_row_scale)
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-        u = self.phi(x, expert_index, transpose=True)  # B(φ_i)ᵀ x
-        v = u @ self.prototype().T  # ONE shared ternary matmul for every (token, expert) pair
-        return self.theta(v, expert_index)  # B(θ_i) v
+        groups = row_groups(expert_index, x, self.n_experts)  # one grouping by expert for both rotations
+        u = self.phi(x, expert_index, transpose=True, groups=groups)  # B(φ_i)ᵀ x
+        # the prototype is fake-quantized once per forward; ONE shared matmul serves every (token, expert) pair
+        v = u @ self.prototype().T
+        return self.theta(v, expert_index, groups=groups)  # B(θ_i) v
 
     @torch.no_grad()
     def expert_matrix(self, i: int) -> torch.Tensor:
@@ -71,6 +73,8 @@ class IndependentExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
         w = self.weights()
+        if _grouped_mm_applies(x, w):
+            return _grouped_experts(x, w, expert_index)
         out = x.new_zeros(x.shape[0], self.d_out)
         # Independent weights share no matmul: one product per expert that has rows.
         order = torch.argsort(expert_index)
@@ -86,6 +90,25 @@ class IndependentExperts(nn.Module):
     @torch.no_grad()
     def expert_matrix(self, i: int) -> torch.Tensor:
         return self.weights()[i]
+
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # public from torch 2.10
+
+
+def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """grouped_mm runs bf16 on CUDA with 16-byte aligned rows; elsewhere the per-expert loop (a host sync) runs."""
+    return (x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+            and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0)
+
+
+def _grouped_experts(x: torch.Tensor, w: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by expert, one grouped GEMM over all experts, rows put back: no host synchronisation."""
+    order = torch.argsort(expert_index, stable=True)
+    counts = torch.zeros(w.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
+        0, expert_index, torch.ones_like(expert_index))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    y = _grouped_mm(x[order].to(torch.bfloat16), w.to(torch.bfloat16).transpose(-2, -1), offs=offs)
+    return y.new_empty(y.shape).index_copy(0, order, y)
 
 
 def make_experts(variant: str, d_in: int, d_out: int, n_experts: int, per_row_scale: bool = True) -> nn.Module:

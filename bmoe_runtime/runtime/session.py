@@ -30,7 +30,8 @@ MAX_GRAPH_BYTES = 2**30  # model.onnx without its weights (they are in external 
 _NP_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64}
 
 
-def _reference_ops():
+def _reference_ops(model_dir: Path):
+    """The ai.bmoe ops for onnx's ReferenceEvaluator; streamed angle files are confined to model_dir."""
     from onnx.reference.op_run import OpRun
 
     class ButterflyRotate(OpRun):
@@ -43,7 +44,8 @@ def _reference_ops():
             if attrs.get("angle_file"):  # streamed form: the file is opened once, with the node
                 self._stream = numba_ops.AngleStream.shared(
                     attrs.get("cache_key", b"").decode(), attrs["angle_file"].decode(), attrs.get("angle_offset", 0),
-                    attrs.get("angle_experts"), attrs.get("angle_dtype"), attrs.get("cache_slots"))
+                    attrs.get("angle_experts"), attrs.get("angle_dtype"), attrs.get("cache_slots"),
+                    model_dir=str(model_dir), file_size=attrs.get("angle_file_size", -1))
 
         def _run(self, x, angles=None, expert_index=None, angle_scale=None, transpose=0, **streamed):
             if self._stream is not None:
@@ -66,7 +68,8 @@ def _reference_ops():
                 raise numba_ops.OpError("AnglePrefetch: attributes angle_file and cache_key are required")
             self._stream = numba_ops.AngleStream.shared(
                 key, attrs["angle_file"].decode(), attrs.get("angle_offset", 0), attrs.get("angle_experts"),
-                attrs.get("angle_dtype"), attrs.get("cache_slots"), op="AnglePrefetch")
+                attrs.get("angle_dtype"), attrs.get("cache_slots"), op="AnglePrefetch",
+                model_dir=str(model_dir), file_size=attrs.get("angle_file_size", -1))
 
         def _run(self, x, expert_ids, angle_scale=None, **attrs):
             return (numba_ops.angle_prefetch(x, expert_ids, self._stream, angle_scale),)
@@ -161,7 +164,7 @@ class ModelSession:
 
         opts = ort.SessionOptions()
         try:
-            ort_ops.register(opts)
+            ort_ops.register(opts, model_dir=Path(path).parent)  # streamed angle files are confined to it
         except Exception as exc:  # not found, or not a loadable op library ($BMOE_OPS_LIB)
             raise BmoeError(f"the ai.bmoe op library cannot be loaded: {_first_line(exc)}") from None
         if threads:
@@ -196,7 +199,7 @@ class ModelSession:
         except Exception as exc:
             raise BmoeError(f"{path} cannot be loaded: {str(exc).splitlines()[0][:300]}") from None
         try:
-            return ReferenceEvaluator(model, new_ops=_reference_ops())
+            return ReferenceEvaluator(model, new_ops=_reference_ops(Path(path).parent))
         except numba_ops.OpError as exc:  # a streamed node's angle_file cannot be opened
             raise BmoeError(str(exc)) from None
 
