@@ -12,6 +12,7 @@ AnglePrefetch (router look-ahead) fills the AngleStream shared by cache_key
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import weakref
 from collections import OrderedDict
@@ -226,6 +227,68 @@ def _count(**kw: int) -> None:
             _stats[k] += v
 
 
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_model_file(model_dir: str, file: str, what: str) -> tuple[int, int]:
+    """(fd, size) of `file` opened for reading inside `model_dir`, by the library's rules
+    (custom_ops/src/model_file.cc, docs/ops.md): relative, or absolute inside the directory;
+    ".." may not climb out; no component may be a symbolic link; only a regular file, and a
+    FIFO or device is refused without blocking. OpError otherwise."""
+    named = f"ButterflyRotate: {what} '{file}'"
+    if not file or "\0" in file:
+        raise OpError(f"{named} is not a valid path")
+    if os.path.isabs(file):
+        norm = os.path.normpath(file)
+        rel = None
+        for base in (os.path.abspath(model_dir), os.path.realpath(model_dir)):
+            if norm.startswith(base.rstrip("/") + "/"):
+                rel = norm[len(base.rstrip("/")) + 1:]
+                break
+        if rel is None:
+            raise OpError(f"{named} is outside the model directory '{model_dir}'")
+    else:
+        rel = os.path.normpath(file)
+        if rel == "." or rel == ".." or rel.startswith("../"):
+            raise OpError(f"{named} leaves the model directory '{model_dir}'")
+    parts = rel.split("/")
+    shown = os.path.join(model_dir, *parts)
+    try:
+        fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OpError(f"{named}: cannot open the model directory '{model_dir}': {exc.strerror}") from None
+    try:
+        for i, part in enumerate(parts):
+            last = i + 1 == len(parts)
+            try:  # look before opening: a FIFO or device is refused without ever being opened
+                mode = os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
+            except OSError as exc:
+                raise OpError(f"ButterflyRotate: cannot open {what} '{file}' ('{shown}'): {exc.strerror}") from None
+            if not (stat.S_ISREG(mode) if last else stat.S_ISDIR(mode)):
+                raise OpError(f"{named}: '{part}' is {_kind(mode)} " + (
+                    "(must be a regular file)" if last else "(must be a directory; links are not followed)"))
+            flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                raise OpError(f"ButterflyRotate: cannot open {what} '{file}' ('{shown}'): {exc.strerror}") from None
+            os.close(fd)
+            fd = nxt
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OpError(f"{named} is {_kind(st.st_mode)} (must be a regular file)")
+        os.set_blocking(fd, True)
+        return fd, st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 _registry: "weakref.WeakValueDictionary[str, AngleStream]" = weakref.WeakValueDictionary()
 _registry_lock = threading.Lock()
 
@@ -238,23 +301,26 @@ class AngleStream:
 
     @classmethod
     def shared(cls, key: str | None, path: str, offset: int, experts: int, dtype_code: int, slots: int,
-               op: str = "ButterflyRotate") -> "AngleStream":
+               op: str = "ButterflyRotate", model_dir: str | None = None,
+               file_size: int | None = None) -> "AngleStream":
         """A new stream (key empty), or the live one registered under `key` (created if none);
         OpError if that one was opened with other parameters."""
         if not key:
-            return cls(path, offset, experts, dtype_code, slots)
+            return cls(path, offset, experts, dtype_code, slots, model_dir, file_size)
         with _registry_lock:
             s = _registry.get(key)
             if s is None:
-                s = cls(path, offset, experts, dtype_code, slots)
+                s = cls(path, offset, experts, dtype_code, slots, model_dir, file_size)
                 _registry[key] = s
-            elif (s.path, s.offset, s.experts, s.dtype, s.slots) != (path, offset, experts,
-                                                                     ANGLE_DTYPES.get(dtype_code), slots):
+            elif s.params != (model_dir, path, offset, file_size, experts, ANGLE_DTYPES.get(dtype_code), slots):
                 raise OpError(f"{op}: cache_key '{key}' is already used by a node with other angle_file, "
-                              f"angle_offset, angle_experts, angle_dtype or cache_slots")
+                              f"angle_offset, angle_file_size, angle_experts, angle_dtype or cache_slots")
             return s
 
-    def __init__(self, path: str, offset: int, experts: int, dtype_code: int, slots: int):
+    def __init__(self, path: str, offset: int, experts: int, dtype_code: int, slots: int,
+                 model_dir: str | None = None, file_size: int | None = None):
+        """`path` is opened inside `model_dir` (open_model_file; None: the file's own directory)
+        and must have exactly `file_size` bytes (None: any size that holds the experts)."""
         if offset is None or offset < 0:
             raise OpError(f"ButterflyRotate: attribute angle_offset must be ≥ 0, got {offset}")
         if experts is None or experts < 1:
@@ -264,18 +330,36 @@ class AngleStream:
                           f"got {dtype_code}")
         if slots is None or slots < 1:
             raise OpError("ButterflyRotate: attribute cache_slots is required with angle_file and must be ≥ 1")
+        if file_size is not None and file_size < 0:
+            raise OpError(f"ButterflyRotate: attribute angle_file_size is required with angle_file and must be ≥ 0, "
+                          f"got {file_size}")
+        self.params = (model_dir, path, offset, file_size, experts, ANGLE_DTYPES[dtype_code], slots)
         self.path, self.offset, self.experts, self.slots = path, int(offset), int(experts), int(slots)
         self.dtype = ANGLE_DTYPES[dtype_code]
-        try:
-            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise OpError(f"ButterflyRotate: cannot open angle_file '{path}': {exc.strerror}") from None
+        self.fd, size = open_model_file(model_dir if model_dir is not None else os.path.dirname(path) or ".",
+                                        path if model_dir is not None else os.path.basename(path), "angle_file")
         weakref.finalize(self, os.close, self.fd)
+        self.file_size = size
+        if file_size is not None and size != file_size:
+            raise OpError(f"ButterflyRotate: angle_file '{path}' has {size} bytes, attribute angle_file_size says "
+                          f"{file_size}")
+        if self.experts > max(size - self.offset, 0) // self.dtype.itemsize:  # each slice ≥ one angle
+            raise OpError(f"ButterflyRotate: attribute angle_experts = {self.experts} does not fit in angle_file "
+                          f"'{path}' ({size} bytes) from angle_offset = {self.offset}")
         self._lock = threading.Lock()
         self._lru: OrderedDict[int, tuple[float, np.ndarray, np.ndarray]] = OrderedDict()  # e → (scale, cos, sin)
         self._stages = 0
         self._dim = 0  # D of the last group() (the tables depend on it): what a prefetch builds for
         self._prefetched: set[int] = set()  # cached by a prefetch, not hit since
+
+    def check_extent(self, d: int) -> None:
+        """OpError unless the file holds all experts' slices for width d from the offset."""
+        s_count, half = angle_shape(d)
+        nbytes = s_count * half * self.dtype.itemsize
+        if self.experts > (self.file_size - self.offset) // nbytes:
+            raise OpError(f"ButterflyRotate: angle_file '{self.path}' ({self.file_size} bytes) cannot hold "
+                          f"angle_experts = {self.experts} slices of {nbytes} bytes (S = {s_count}) from "
+                          f"angle_offset = {self.offset}")
 
     def _read(self, e: int, nbytes: int) -> bytes:
         start = self.offset + e * nbytes
@@ -369,6 +453,7 @@ class AngleStream:
         """Tables of ≤ slots experts: hits first (made most recent), then the misses read and
         inserted in order, so no expert of the group evicts another (as the C++ kernel)."""
         s_count = n_stages(d)
+        self.check_extent(d)
         with self._lock:
             if d != self._dim:  # the cos/sin tables depend on D (inactive pairs), not only on S
                 self._lru.clear()

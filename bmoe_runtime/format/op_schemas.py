@@ -32,7 +32,9 @@ def _schemas() -> list[OpSchema]:
                           ("TA", ["tensor(float)", "tensor(float16)", "tensor(int8)"], "angles")],
         attributes=[_attr("transpose", 0, "0: B, 1: Bᵀ"),
                     # streamed form: angles read per expert from a file into a cache
-                    _opt("angle_file", OpSchema.AttrType.STRING, "file holding the [E, S, P/2] angle table"),
+                    _opt("angle_file", OpSchema.AttrType.STRING,
+                         "file holding the [E, S, P/2] angle table, inside the model directory"),
+                    _opt("angle_file_size", OpSchema.AttrType.INT, "the file's exact size in bytes"),
                     _opt("angle_offset", OpSchema.AttrType.INT, "byte offset of expert 0's slice"),
                     _opt("angle_experts", OpSchema.AttrType.INT, "E"),
                     _opt("angle_dtype", OpSchema.AttrType.INT, "TensorProto code: 1 float, 10 float16, 3 int8"),
@@ -47,6 +49,7 @@ def _schemas() -> list[OpSchema]:
         outputs=[_FP("Y", "T")],
         type_constraints=[("T", ["tensor(float)"], "passed through")],
         attributes=[OpSchema.Attribute("angle_file", OpSchema.AttrType.STRING, "as ButterflyRotate's", required=True),
+                    OpSchema.Attribute("angle_file_size", OpSchema.AttrType.INT, "as ButterflyRotate's", required=True),
                     _opt("angle_offset", OpSchema.AttrType.INT, "as ButterflyRotate's"),
                     OpSchema.Attribute("angle_experts", OpSchema.AttrType.INT, "E", required=True),
                     OpSchema.Attribute("angle_dtype", OpSchema.AttrType.INT, "as ButterflyRotate's", required=True),

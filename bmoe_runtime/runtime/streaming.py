@@ -81,10 +81,14 @@ def stream_angles(model: onnx.ModelProto, model_dir: Path, manifest: dict,
         n = _slots_for(slots, name, experts)
         if n is None:
             continue
-        path = (Path(model_dir) / info["file"]).resolve()
+        # Relative to the model directory, to which both backends confine it (docs/ops.md).
+        file_size = manifest.get("files", {}).get(info["file"], {}).get("bytes")
+        if not isinstance(file_size, int):
+            raise BmoeError(f"the manifest lists no size for {info['file']}: cannot stream angle table {name}")
         node.input[1] = ""
         node.attribute.extend([
-            onnx.helper.make_attribute("angle_file", str(path)),
+            onnx.helper.make_attribute("angle_file", str(info["file"])),
+            onnx.helper.make_attribute("angle_file_size", file_size),
             onnx.helper.make_attribute("angle_offset", int(info["offset"])),
             onnx.helper.make_attribute("angle_experts", experts),
             onnx.helper.make_attribute("angle_dtype", _DTYPE_CODES[info["dtype"]]),
@@ -154,7 +158,8 @@ def add_lookahead(model: onnx.ModelProto, nodes_of: dict[str, list[onnx.NodeProt
             for r in nodes_of[table]:
                 r.attribute.append(onnx.helper.make_attribute("cache_key", key))
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in rot.attribute
-                     if a.name in ("angle_file", "angle_offset", "angle_experts", "angle_dtype", "cache_slots")}
+                     if a.name in ("angle_file", "angle_file_size", "angle_offset", "angle_experts", "angle_dtype",
+                                   "cache_slots")}
             scale = rot.input[3] if len(rot.input) > 3 and rot.input[3] else None
             out = f"{tag}_x{j}"
             new.append(onnx.helper.make_node(
