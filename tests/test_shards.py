@@ -109,6 +109,13 @@ def test_damaged_shards_are_refused(corpus, tmp_path):
     shard.write_bytes(raw[:-2])  # one token short
     with pytest.raises(CorpusError, match=r"has \d+ bytes, its index says \d+ tokens of 2 bytes"):
         open_shards(shards.path, verify=False)
+    result = CliRunner().invoke(train_cli, ["--data", str(corpus), "--out", str(tmp_path / "m.pt"),
+                                            "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error:")] == [
+        f"Error: token shard {shard} has {len(raw) - 2} bytes, its index says {len(raw) // 2} tokens of 2 bytes: "
+        f"the token cache is corrupt; delete {shards.path} to rebuild it"]
+    assert not (tmp_path / "m.pt").exists()
     (shards.path / "meta.json").write_text("{not json")
     with pytest.raises(CorpusError, match="not a readable token-cache index"):
         open_shards(shards.path)

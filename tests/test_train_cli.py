@@ -164,6 +164,7 @@ def test_short_training_run_learns(tmp_path, shakespeare):
     assert hist[1]["valid"]["loss"] < first
     assert ckpt["metrics"]["valid"]["loss"] == last and "bpc" in ckpt["metrics"]["valid"]
     assert ckpt["metrics"]["train_tokens"] == 30 * 8 * 32
+    assert ckpt["metrics"]["steady_tokens_per_s"] > 0 and ckpt["metrics"]["world_size"] == 1
     assert ckpt["train_state"]["step"] == 30
     assert ckpt["config"]["d_model"] == 32 and ckpt["config"]["n_experts"] == 4
     model, tok, _ = load_model(out)

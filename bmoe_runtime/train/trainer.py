@@ -236,6 +236,8 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         log(f"step 0: valid loss {history[-1]['valid']['loss']:.4f}")
     model.train()
     t0, tokens_seen = time.time(), 0
+    # tokens/s at steady state: the first steps (allocator, kernels, compilation) and evaluations not timed
+    timed_from, t_timed, eval_seconds = min(step + 5, tc.steps), None, 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else \
         torch.autocast("cpu", enabled=False)
     rows = tc.batch // ranks.world
@@ -255,6 +257,8 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         step += 1
         tokens_seen += tc.batch * tc.seq
         bar.update(1)
+        if step == timed_from:
+            t_timed = _now(device)
         evaluating = step % tc.eval_every == 0 and step < tc.steps
         if step % tc.log_every == 0 or step == tc.steps or evaluating:
             ce_v = mean(ce, ranks)  # every rank's share of the global batch
@@ -264,11 +268,15 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         if evaluating:
             rngs = gather(rng_state(device), ranks)
             if ranks.main:
+                t_eval = _now(device)
                 history.append({"step": step, "train_loss": ce_v, "valid": run_eval("valid", tc.eval_tokens)})
                 bar.write(f"step {step}: valid loss {history[-1]['valid']['loss']:.4f}")
                 checkpoint({"history": history}, rngs)
+                eval_seconds += _now(device) - t_eval
     bar.close()
     elapsed = time.time() - t0
+    steady = (tc.steps - timed_from) * tc.batch * tc.seq / (_now(device) - t_timed - eval_seconds) \
+        if t_timed is not None and tc.steps > timed_from else None
     rngs = gather(rng_state(device), ranks)
     metrics = {}
     if ranks.main:
@@ -277,12 +285,21 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         metrics = {**final, "history": history, "train_curve": curve, "train_tokens": step * tc.batch * tc.seq,
                    "train_seconds": elapsed, "params": n_params, "corpus": shards.meta["corpus"]["name"],
                    "tokenizer": tok.to_dict()["kind"], "preset": preset, "train_config": asdict(tc),
-                   "world_size": ranks.world}
+                   "world_size": ranks.world, "steady_tokens_per_s": steady}
+        if device.startswith("cuda"):
+            metrics["peak_gpu_bytes_rank0"] = torch.cuda.max_memory_allocated(device)
         checkpoint(metrics, rngs)
+        speed = f", {steady:,.0f} tokens/s steady on {ranks.world} rank(s)" if steady else ""
         log(f"done: valid loss {final['valid']['loss']:.4f} (ppl {final['valid']['ppl']:.2f}, "
-            f"bpc {final['valid']['bpc']:.3f}), test loss {final['test']['loss']:.4f}; {elapsed:.0f}s; wrote {out}")
+            f"bpc {final['valid']['bpc']:.3f}), test loss {final['test']['loss']:.4f}; {elapsed:.0f}s{speed}; wrote {out}")
     barrier(ranks)  # the other ranks leave once rank 0 has written the checkpoint
     return metrics
+
+
+def _now(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _restore_rng(state: dict, tc: TrainConfig, step: int, device: str, ranks: Ranks, log) -> None:
