@@ -43,8 +43,8 @@ fi
 # 2. Cross-build (library + drivers). Reuse the C API headers of an x86 build if
 # there are some; else OrtHeaders.cmake fetches them.
 if [ -z "${ORT_INCLUDE_DIR:-}" ]; then
-  for d in "$root/build/_ort_headers/root/usr/include/onnxruntime" \
-           "$build/_ort_headers/root/usr/include/onnxruntime"; do
+  for d in "$build/_ort_headers/root/usr/include/onnxruntime" \
+           "$root"/build*/_ort_headers/root/usr/include/onnxruntime; do
     [ -f "$d/onnxruntime_c_api.h" ] && export ORT_INCLUDE_DIR="$d" && break
   done
 fi
