@@ -147,8 +147,8 @@ def validate(data: dict, name: str, where: str) -> Device:
             raise BmoeError(f"{where}: detect path {rel!r} must be relative to / without '..'")
     return Device(
         name=name, arch=arch,
-        ram_mb=_number(where, "ram_mb", data["ram_mb"], 0, 2**24, lo_open=True),  # up to 16 TiB
-        reserved_fraction=_number(where, "reserved_fraction", data["reserved_fraction"], 0, 1, hi_open=True),
+        ram_mb=_number(where, "ram_mb", data["ram_mb"], 1, 2**24),  # 1 MiB .. 16 TiB: never a zero budget
+        reserved_fraction=_number(where, "reserved_fraction", data["reserved_fraction"], 0, 0.99),
         mem_bandwidth_gbs=_number(where, "mem_bandwidth_gbs", data["mem_bandwidth_gbs"], 0, 10_000, lo_open=True),
         storage_read_mbs=_number(where, "storage_read_mbs", data["storage_read_mbs"], 0, 1_000_000, lo_open=True),
         storage_latency_ms=_number(where, "storage_latency_ms", data["storage_latency_ms"], 0, 10_000),
@@ -162,7 +162,7 @@ def load_profile(path: str | Path) -> Device:
         raise BmoeError(f"device profile not found: {p}")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: RecursionError
         raise BmoeError(f"{p} is not valid TOML: {exc}") from None
     return validate(data, p.stem, str(p))
 
