@@ -42,9 +42,9 @@ def _backend(backend: str) -> str:
 
 def _cap_threads(threads: int | None) -> int | None:
     """No more threads than this process may run on: more only oversubscribe the cores."""
-    from bmoe_runtime.runtime.session import available_cores
+    from bmoe_runtime.planning.devices import resolve_device  # not runtime.session: it imports numba
 
-    cores = available_cores()
+    cores = resolve_device("host").cores
     if threads and threads > cores:
         click.echo(f"[bmoe] --threads {threads} capped to the {cores} cores this machine gives the process", err=True)
         return cores
@@ -111,7 +111,20 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (at most this machine's cores).")
 @click.option("--temperature", type=FiniteFloat(min=0.0, max=100.0), default=0.8, show_default=True,
               help="Sampling temperature (seeded, so runs repeat); 0 = greedy.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample among the k most likely tokens; 0 = all.")
+@click.option("--top-p", type=FiniteFloat(min=0.0, min_open=True, max=1.0), default=1.0, show_default=True,
+              help="Sample among the most likely tokens whose probabilities reach p; 1 = all.")
+@click.option("--repetition-penalty", type=FiniteFloat(min=0.0, min_open=True, max=100.0), default=1.0,
+              show_default=True, help="Divide the logit of every token already in the text by this (HF's rule); 1 = off.")
+@click.option("--ignore-eos", is_flag=True, help="Never end at the end-of-text token (it is not generated); "
+              "by default generation stops there.")
+@click.option("--max-context", type=click.IntRange(min=1), help="Stop cleanly once prompt + generated tokens reach "
+              "this many positions (default and at most: the model's max_seq).")
+@click.option("--engine", type=click.Choice(["auto", "genai", "loop"]), default="auto", show_default=True,
+              help="With --backend ort: genai = ONNX Runtime GenAI's generate loop (pip install bmoe[genai]); "
+              "loop = bmoe's own Python loop; auto = genai when installed and the export has its genai_config.json.")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="Write the run's report here.")
 @click.option("--device", help="Plan for this device (bmoe devices lists them; or a .toml profile); "
               "off the device, threads are limited to its cores and its speed is estimated.")
@@ -123,14 +136,13 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
               "predicted by its router on the current hidden state.")
 @click.option("--strict-budget", is_flag=True, help="Exit non-zero when the measured peak RSS exceeds the budget.")
 @user_errors
-def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_path, device, budget_mb, context,
-            lookahead, strict_budget):
+def run_cli(model_dir, prompt, n_new, backend, threads, temperature, top_k, top_p, repetition_penalty, ignore_eos,
+            max_context, engine, seed, json_path, device, budget_mb, context, lookahead, strict_budget):
     """Generate text with an exported model (default: the bundled one)."""
     import json
     import sys
 
     from bmoe_runtime.runtime.generate import GenerationStats, Generator
-    from bmoe_runtime.runtime.session import ModelSession
     from bmoe_runtime import default_model_dir
     from bmoe_runtime.planning import ram
 
@@ -138,14 +150,32 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
     backend = _backend(backend)
     threads = _cap_threads(threads)
     plan, slots = None, None
+    chosen = _engine(engine, backend, model_dir, streamed=False)  # planned with the chosen engine's overhead
     if device or budget_mb or context:  # plan first, then allocate
-        plan, threads = _run_plan(model_dir, backend, device or "host", budget_mb, context, threads, prompt, n_new)
+        plan, threads = _run_plan(model_dir, backend, device or "host", budget_mb, context, threads, prompt, n_new,
+                                  max_context, chosen)
         slots = plan[1].cache_experts if plan[1].streaming else None
-    gen = Generator(ModelSession(model_dir, backend, threads, angle_cache_slots=slots,
-                                 lookahead=lookahead and slots is not None))
-    click.echo(f"[bmoe] {model_dir} on {backend}", err=True)
+        if slots is not None and chosen == "genai":  # GenAI cannot stream: bmoe's loop, planned again for it
+            chosen = _engine(engine, backend, model_dir, streamed=True)
+            plan, threads = _run_plan(model_dir, backend, device or "host", budget_mb, context, threads, prompt,
+                                      n_new, max_context, chosen)
+            slots = plan[1].cache_experts if plan[1].streaming else None
+    engine = chosen
+    if engine == "genai":
+        from bmoe_runtime.runtime.genai_engine import GenAIGenerator
+
+        gen = GenAIGenerator(model_dir, threads)
+    else:
+        from bmoe_runtime.runtime.session import ModelSession  # imports numba: not in a GenAI run
+
+        gen = Generator(ModelSession(model_dir, backend, threads, angle_cache_slots=slots,
+                                     lookahead=lookahead and slots is not None))
+    click.echo(f"[bmoe] {model_dir} on {backend}" + (" through ONNX Runtime GenAI" if engine == "genai" else ""),
+               err=True)
     stats = GenerationStats()
-    tokens = gen.tokens(gen.tokenizer.encode(prompt), n_new, temperature, seed, stats)  # refuses bad settings now
+    options = {"top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
+               "eos": "suppress" if ignore_eos else "stop", "max_context": max_context or gen.cfg["max_seq"]}
+    tokens = gen.tokens(gen.tokenizer.encode(prompt), n_new, temperature, seed, stats, **options)  # refuses bad settings now
     sys.stdout.write(prompt)  # only once the run is known to be valid
     shown = ""
     for _ in tokens:
@@ -154,9 +184,15 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
         sys.stdout.flush()
         shown = text
     sys.stdout.write("\n")
-    report = {"model": str(model_dir), "backend": backend, "threads": threads, "prompt_tokens": stats.prompt_tokens,
-              "new_tokens": stats.new_tokens, "time_to_first_token_s": stats.first_token_s,
-              "decode_tokens_per_s": stats.decode_tok_s, "text": shown}
+    if stats.stop_reason == "context":
+        click.echo(f"[bmoe] stopped at the context limit: {options['max_context']} positions "
+                   f"({stats.prompt_tokens} prompt + {stats.new_tokens} new)", err=True)
+    elif stats.stop_reason == "eos":
+        click.echo(f"[bmoe] stopped at the end-of-text token after {stats.new_tokens} tokens", err=True)
+    report = {"model": str(model_dir), "backend": backend, "engine": engine, "threads": threads,
+              "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "stop_reason": stats.stop_reason,
+              "sampling": {"temperature": temperature, "seed": seed, **options},
+              "time_to_first_token_s": stats.first_token_s, "decode_tokens_per_s": stats.decode_tok_s, "text": shown}
     click.echo(f"[bmoe] first token {stats.first_token_s * 1000:.1f} ms, decode {stats.decode_tok_s:.1f} tok/s", err=True)
     report["memory"] = ram.measure()
     if plan:
@@ -167,8 +203,36 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, seed, json_
             json.dump(report, f, indent=1)
 
 
+def _engine(engine: str, backend: str, model_dir, streamed: bool) -> str:
+    """genai or loop: GenAI where it is installed and can run this (resident angles, an export with its
+    genai_config.json); auto says why it falls back, an explicit --engine genai that cannot is an error."""
+    from bmoe_runtime.format.genai_config import has_genai_files
+    from bmoe_runtime.format.manifest import read_manifest
+    from bmoe_runtime.runtime import genai_engine
+
+    if engine == "loop" or (engine == "auto" and backend != "ort"):
+        return "loop"
+    why = None
+    if backend != "ort":
+        why = "needs --backend ort"
+    elif not genai_engine.available():
+        why = "is not installed (pip install bmoe[genai])"
+    elif streamed:  # GenAI loads model.onnx as it is; streaming is a graph rewrite done by bmoe's session
+        why = "cannot stream angles yet (bmoe's loop rewrites the graph at load)"
+    elif not has_genai_files(read_manifest(model_dir, verify="none")):
+        why = "needs the export's genai_config.json (exported before bmoe wrote it: re-export)"
+    if why is None:
+        return "genai"
+    if engine == "genai":
+        raise BmoeError(f"--engine genai: ONNX Runtime GenAI {why}")
+    if genai_engine.available():  # installed but not usable here: say so
+        click.echo(f"[bmoe] generating with bmoe's own loop: ONNX Runtime GenAI {why}", err=True)
+    return "loop"
+
+
 def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, context: int | None,
-              threads: int | None, prompt: str, n_new: int) -> tuple[tuple, int | None]:
+              threads: int | None, prompt: str, n_new: int, max_context: int | None = None,
+              engine: str = "loop") -> tuple[tuple, int | None]:
     """Plan before loading: refuse what cannot fit, limit threads off-device, say what is not implemented."""
     from bmoe_runtime.planning.devices import resolve_device
     from bmoe_runtime.errors import BmoeError
@@ -180,6 +244,8 @@ def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, con
     manifest = read_manifest(model_dir, verify="size")  # the session checks sha256 as it reads the files
     tok = load_tokenizer(model_dir, manifest)  # bounded, and its own sha256 checked
     n_prompt = len(tok.encode(prompt))
+    limit = min(max_context or manifest["config"]["max_seq"], manifest["config"]["max_seq"])
+    n_new = max(1, min(n_new, limit - n_prompt))  # generation stops at the context limit
     if context is not None and context < n_prompt + n_new:
         raise BmoeError(f"--context {context} is shorter than the prompt ({n_prompt} tokens) + {n_new} new tokens")
     if not dev.is_host:
@@ -190,7 +256,12 @@ def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, con
     settings = Settings(backend, context or n_prompt + n_new, n_prompt, 1, threads)
     budget = int(budget_mb * MIB) if budget_mb else None
     opts = manifest.get("export_options", {})  # this process is bmoe-run itself: measure its overhead here
-    overhead = overhead_in_this_process(backend, opts.get("packing", "2bit"), int(opts.get("act_quant", False)))
+    if engine == "genai":
+        from bmoe_runtime.runtime import genai_engine
+
+        overhead = genai_engine.overhead_in_this_process()
+    else:
+        overhead = overhead_in_this_process(backend, opts.get("packing", "2bit"), int(opts.get("act_quant", False)))
     plan = make_plan(manifest, dev, settings, budget, overhead, model_name=str(model_dir))
     if refusal(plan):
         raise BmoeError(refusal(plan))
