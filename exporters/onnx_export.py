@@ -35,6 +35,7 @@ from bmoe_runtime.format.manifest import MANIFEST, build_manifest, read_manifest
 from bmoe_runtime.nn.model import MoELM
 from bmoe_runtime.format.packing import PACKINGS
 
+from .genai import genai_files
 from .packed import ANGLE_DTYPES, pack_banks
 from .torch_ops import TRANSLATIONS
 
@@ -204,6 +205,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
     dynamic = {"input_ids": {0: b, 1: t}, "past": [{0: b, 2: p} for _ in past]}
     meta = {"kind": "lm", "config": cfg.to_dict(), "metrics": {k: v for k, v in ckpt["metrics"].items() if k != "history"},
             "tokenizer": "tokenizer.json", "kv_layout": "[batch, heads, positions, d_head]"}
-    extra = {"tokenizer.json": json.dumps(tok.to_dict())}
+    extra = genai_files(cfg.to_dict(), tok)  # tokenizer.json (Hugging Face) + the ONNX Runtime GenAI files
     return export_module(DecodeStep(model), (ids, past), out_dir, ["input_ids", *kv_names(cfg.n_layers, "past")],
                          ["logits", *kv_names(cfg.n_layers, "present")], dynamic, options, meta, extra, force)
