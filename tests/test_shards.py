@@ -4,6 +4,10 @@ atomic, and checked; bad corpora and damaged shards end in one line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from bmoe_runtime.cli import train_cli
 from bmoe_runtime.errors import CorpusError
 from bmoe_runtime.format.tokenizer import BPETokenizer, ByteTokenizer
 from bmoe_runtime.train.data import count_words, scan_corpus, split_pieces, split_text, step_starts
-from bmoe_runtime.train.shards import cache_key, open_shards, prepare_tokens, token_dtype
+from bmoe_runtime.train.shards import cache_key, open_shards, prepare_tokens, token_dtype, trained_bpe
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +177,49 @@ def test_step_starts_are_a_function_of_seed_and_step():
     assert a.min() >= 0 and a.max() < 10_000 - 33
     with pytest.raises(CorpusError, match="shorter than one sequence"):
         step_starts(0, 0, 33, 8, 32)
+
+
+def test_trained_bpe_is_cached(corpus, text, tmp_path):
+    src = scan_corpus(corpus)
+    first = trained_bpe(src, 300, tmp_path)
+    assert first.to_dict() == BPETokenizer.train(text[:int(len(text) * 0.9)], 300).to_dict()
+    [cached] = (tmp_path / "tokenizers").iterdir()
+    other = BPETokenizer.train("an unrelated text " * 50, 270)
+    cached.write_text(json.dumps(other.to_dict()))
+    assert trained_bpe(src, 300, tmp_path).to_dict() == other.to_dict()  # read from the cache, not retrained
+    cached.write_text("{damaged")
+    assert trained_bpe(src, 300, tmp_path).to_dict() == first.to_dict()  # retrained and rewritten
+    assert json.loads(cached.read_text()) == first.to_dict()
+    assert trained_bpe(src, 280, tmp_path).vocab_size == 280  # another vocabulary: another file
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 2
+
+
+MEMORY_PROBE = """
+import re, sys
+import bmoe_runtime.train.data as data_mod
+from bmoe_runtime.format.tokenizer import ByteTokenizer
+from bmoe_runtime.train.shards import prepare_tokens
+data_mod.READ_BYTES = 1 << 16  # 64 KiB pieces: the working set is small next to the corpus
+kib = lambda field: int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from here; getrusage's would include the parent's at fork
+rss = kib("VmRSS")
+shards = prepare_tokens(data_mod.scan_corpus(sys.argv[1]), ByteTokenizer(), sys.argv[2])
+print((kib("VmHWM") - rss) * 1024, len(shards.splits["train"]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the peak resident set from /proc")
+def test_tokenizing_needs_memory_independent_of_corpus_size(tmp_path):
+    """A 24 MB corpus is scanned and tokenized with a peak-memory rise of a few MiB (measured ~2.4 MiB), not the
+    corpus's size: what lets a corpus larger than RAM be tokenized."""
+    line = "".join(f"line {i}: the quick brown fox jumps over the lazy dog, naïve café.\n" for i in range(1000))
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(line * (24_000_000 // len(line.encode())), encoding="utf-8")
+    n_chars = len(line) * (24_000_000 // len(line.encode()))
+    r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(corpus), str(tmp_path / "cache")],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rise, n_train = map(int, r.stdout.split())
+    assert n_train == len(corpus.read_text(encoding="utf-8")[:int(n_chars * 0.9)].encode())
+    assert rise < 8 * 2**20, f"peak memory rose by {rise / 2**20:.1f} MiB tokenizing {corpus.stat().st_size / 1e6:.0f} MB"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bmoe_runtime.errors import CorpusError
-from bmoe_runtime.format.tokenizer import ByteTokenizer, Tokenizer
+from bmoe_runtime.format.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, tokenizer_from_dict
 from bmoe_runtime.train.data import SPLITS, CorpusSource, count_words, split_pieces
 
 FORMAT, VERSION = "bmoe-tokens", 1
@@ -43,6 +43,32 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def cache_key(source: CorpusSource, tok: Tokenizer) -> str:
     tok_desc = json.dumps(tok.to_dict(), sort_keys=True)
     return hashlib.sha256(f"{FORMAT}/{VERSION}\n{source.sha256}\n{tok_desc}".encode()).hexdigest()[:32]
+
+
+def trained_bpe(source: CorpusSource, vocab_size: int, cache_dir: str | Path | None = None) -> BPETokenizer:
+    """A BPE tokenizer trained on the streamed train split, kept in the cache: training it on a large corpus is
+    slow, and the shards' cache key depends on it. A cached file that does not parse is retrained."""
+    import tokenizers
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = hashlib.sha256(f"{source.sha256}\n{vocab_size}\n{tokenizers.__version__}".encode()).hexdigest()[:32]
+    path = cache / "tokenizers" / f"bpe-{key}.json"
+    if path.is_file():
+        try:
+            return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, OSError):
+            pass
+    tok = BPETokenizer.train(split_pieces(source.splits["train"]), vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(tok.to_dict(), f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tok
 
 
 class TokenSplit:

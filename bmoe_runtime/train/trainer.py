@@ -17,12 +17,12 @@ from tqdm import tqdm
 
 from bmoe_runtime.choices import PRESET_NAMES
 from bmoe_runtime.errors import BmoeError
-from bmoe_runtime.format.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, tokenizer_from_dict
+from bmoe_runtime.format.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from bmoe_runtime.nn.model import ModelConfig, MoELM
 from bmoe_runtime.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from bmoe_runtime.train.data import CorpusSource, require_windows, scan_corpus, split_pieces, step_starts
+from bmoe_runtime.train.data import CorpusSource, require_windows, scan_corpus, step_starts
 from bmoe_runtime.train.distributed import Ranks, barrier, gather, mean, ranks_from_env, share, start, stop
-from bmoe_runtime.train.shards import TokenSplit, open_shards, prepare_tokens
+from bmoe_runtime.train.shards import TokenSplit, open_shards, prepare_tokens, trained_bpe
 
 
 @dataclass
@@ -104,11 +104,11 @@ def text_metrics(nll: float, split: TokenSplit) -> dict:
             "word_ppl": math.exp(total / max(1, split.words))}
 
 
-def build_tokenizer(kind: str, source: CorpusSource, vocab: int) -> Tokenizer:
+def build_tokenizer(kind: str, source: CorpusSource, vocab: int, cache_dir: str | None = None) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":  # trained on the train split streamed piece by piece: same merges as on the whole text
-        return BPETokenizer.train(split_pieces(source.splits["train"]), vocab)
+        return trained_bpe(source, vocab, cache_dir)
     raise ValueError(f"unknown tokenizer {kind!r}; expected byte or bpe")
 
 
@@ -183,7 +183,7 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
     state = ckpt["train_state"] if ckpt else None
     if ranks.main:  # tokenize once (or find the cached shards); the other ranks map the same files
         source = scan_corpus(data)
-        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else build_tokenizer(tokenizer, source, bpe_vocab)
+        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else build_tokenizer(tokenizer, source, bpe_vocab, cache_dir)
         shards = prepare_tokens(source, tok, cache_dir)
         log(f"{source.name}: {'tokenized into' if shards.built else 'token shards reused from'} {shards.path}")
         shared = {"entry": str(shards.path), "tokenizer": tok.to_dict()}
