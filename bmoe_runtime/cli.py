@@ -77,9 +77,12 @@ def _cap_threads(threads: int | None) -> int | None:
 @click.option("--resume", is_flag=True, help="Continue from --out's saved training state (on any number of ranks).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Token-shard cache [default: $BMOE_CACHE_DIR, "
               "else ~/.cache/bmoe/tokens].")
+@click.option("--stop-at", type=click.IntRange(1, 10**9), help="Stop after this step's checkpoint, as if interrupted "
+              "(--resume continues).")
 @user_errors
 def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, steps, batch, seq, lr,
-              eval_every, log_every, per_tensor_scale, tokenizer, bpe_vocab, device, seed, resume, cache_dir):
+              eval_every, log_every, per_tensor_scale, tokenizer, bpe_vocab, device, seed, resume, cache_dir,
+              stop_at):
     """Train a ButterflyMoE language model (or a baseline) on a text corpus.
 
     Data-parallel on G GPUs: torchrun --nproc_per_node G -m bmoe_runtime.cli train --device cuda ...
@@ -95,7 +98,7 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
     try:
         train(data, out, preset, {k: v for k, v in model.items() if v is not None},
               {k: v for k, v in run.items() if v is not None}, tokenizer, bpe_vocab, device, resume, log=click.echo,
-              cache_dir=cache_dir)
+              cache_dir=cache_dir, stop_at=stop_at)
     except KeyError as exc:  # a saved training state without a field the trainer needs
         if not resume:
             raise

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import bmoe_runtime.train.trainer as train_mod
+from bmoe_runtime.cli import train_cli
 from bmoe_runtime.train.checkpoint import content_sha256, read_checkpoint, save_checkpoint
 from bmoe_runtime.train.trainer import train
 
@@ -92,3 +94,22 @@ def test_router_noise_state_is_what_makes_it_exact(runs, corpus, tmp_path):
     changed = dict(map(tuple, read_checkpoint(other)["metrics"]["train_curve"]))
     assert all(full[s] == changed[s] for s in range(1, 9))  # the restored part of the curve
     assert any(full[s] != changed[s] for s in range(9, 17))
+
+
+def test_cli_stop_at_and_resume(runs, corpus, tmp_path):
+    """The same run through bmoe-train: --stop-at 10 (not an evaluation step) then --resume, bit-exact again."""
+    out = tmp_path / "cli.pt"
+    args = ["--data", str(corpus), "--out", str(out), "--d-model", "32", "--d-ff", "64", "--layers", "1",
+            "--experts", "4", "--steps", "16", "--eval-every", "4", "--log-every", "1", "--batch", "8", "--seq", "32"]
+    result = CliRunner().invoke(train_cli, [*args, "--stop-at", "10"])
+    assert result.exit_code == 0, result.output
+    assert f"stopped after step 10 as asked; --resume continues {out}" in result.output
+    mid = read_checkpoint(out)
+    assert mid["train_state"]["step"] == 10 and "test" not in mid["metrics"]
+    result = CliRunner().invoke(train_cli, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and "step 10/16" in result.output
+    a, b = read_checkpoint(runs["full"]), read_checkpoint(out)
+    assert a["metrics"]["train_curve"] == b["metrics"]["train_curve"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k

@@ -139,11 +139,12 @@ def rng_state(device: str) -> dict:
 
 def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = None, train_overrides: dict | None = None,
           tokenizer: str = "byte", bpe_vocab: int = 4096, device: str = "cpu", resume: bool = False,
-          log=print, cache_dir: str | None = None) -> dict:
+          log=print, cache_dir: str | None = None, stop_at: int | None = None) -> dict:
     """Train (or resume) a model and write `out`; returns the final metrics (on rank 0; {} on other ranks).
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every rank trains its share of each global batch with
-    DistributedDataParallel; rank 0 alone tokenizes, evaluates, logs and writes checkpoints.
+    DistributedDataParallel; rank 0 alone tokenizes, evaluates, logs and writes checkpoints. `stop_at`: stop
+    after that step's checkpoint, as if interrupted there (a job slot ends; a resume test).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
@@ -173,13 +174,13 @@ def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = No
     device = start(ranks, device)
     try:
         return _train(data, out, preset, m_over, overrides, tc, ckpt, tokenizer, bpe_vocab, device, ranks, say,
-                      cache_dir)
+                      cache_dir, stop_at)
     finally:
         stop(ranks)
 
 
 def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | None, tokenizer: str, bpe_vocab: int,
-           device: str, ranks: Ranks, log, cache_dir) -> dict:
+           device: str, ranks: Ranks, log, cache_dir, stop_at: int | None) -> dict:
     state = ckpt["train_state"] if ckpt else None
     if ranks.main:  # tokenize once (or find the cached shards); the other ranks map the same files
         source = scan_corpus(data)
@@ -273,6 +274,15 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
                 bar.write(f"step {step}: valid loss {history[-1]['valid']['loss']:.4f}")
                 checkpoint({"history": history}, rngs)
                 eval_seconds += _now(device) - t_eval
+        if step == stop_at and step < tc.steps:
+            if not evaluating:  # an evaluation step has just written its checkpoint
+                rngs = gather(rng_state(device), ranks)
+                if ranks.main:
+                    checkpoint({"history": history}, rngs)
+            bar.close()
+            log(f"stopped after step {step} as asked; --resume continues {out}")
+            barrier(ranks)
+            return {"history": history, "stopped_at": step}
     bar.close()
     elapsed = time.time() - t0
     steady = (tc.steps - timed_from) * tc.batch * tc.seq / (_now(device) - t_timed - eval_seconds) \
