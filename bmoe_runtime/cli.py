@@ -70,6 +70,9 @@ def _cap_threads(threads: int | None) -> int | None:
 @click.option("--eval-every", type=click.IntRange(1, 10**9))
 @click.option("--log-every", type=click.IntRange(1, 10**9), help="Steps between train-loss curve entries [default: 10].")
 @click.option("--per-tensor-scale", is_flag=True, help="One ternary scale per matrix instead of per row.")
+@click.option("--ternary", "ternary_parts", type=click.Choice(["attn", "proj"]), multiple=True,
+              help="Also train these ternary (QAT, as the experts): attention projections, the paper form's shared "
+                   "projection; repeatable. Export them with bmoe-export --attn/--proj ternary.")
 @click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True)
 @click.option("--bpe-vocab", type=click.IntRange(257, 2**21), default=4096, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -81,8 +84,8 @@ def _cap_threads(threads: int | None) -> int | None:
               "(--resume continues).")
 @user_errors
 def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, steps, batch, seq, lr,
-              eval_every, log_every, per_tensor_scale, tokenizer, bpe_vocab, device, seed, resume, cache_dir,
-              stop_at):
+              eval_every, log_every, per_tensor_scale, ternary_parts, tokenizer, bpe_vocab, device, seed, resume,
+              cache_dir, stop_at):
     """Train a ButterflyMoE language model (or a baseline) on a text corpus.
 
     Data-parallel on G GPUs: torchrun --nproc_per_node G -m bmoe_runtime.cli train --device cuda ...
@@ -93,6 +96,8 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
              "d_model": d_model, "d_ff": d_ff, "n_layers": layers}
     if per_tensor_scale:
         model["per_row_scale"] = False
+    for part in ternary_parts:
+        model[f"ternary_{part}"] = True
     run = {"steps": steps, "batch": batch, "seq": seq, "lr": lr, "eval_every": eval_every, "log_every": log_every,
            "seed": seed}
     try:

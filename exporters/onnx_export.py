@@ -35,6 +35,7 @@ from bmoe_runtime.format.manifest import MANIFEST, build_manifest, read_manifest
 from bmoe_runtime.nn.model import MoELM
 from bmoe_runtime.format.packing import PACKINGS
 
+from .compress import EMBED_FORMATS, LINEAR_FORMATS, compress_graph, prepare_linears
 from .genai import genai_files
 from .packed import ANGLE_DTYPES, pack_banks
 from .torch_ops import TRANSLATIONS
@@ -49,8 +50,23 @@ class ExportOptions:
     packing: str = "2bit"  # or "base3" (1.6 bits a weight)
     angle_dtype: str = "fp16"  # fp32 | fp16 | int8
     act_quant: bool = False  # int8 activations in TernaryMatMul
+    # the dense weights around the experts (compress.py): fp32 | int4 | ternary (needs QAT) / fp32 | int8 | int4
+    attn: str = "fp32"
+    proj: str = "fp32"  # the paper form's shared projection
+    embed: str = "fp32"  # token table + tied head, positions
+    block_size: int = 32  # int4/int8: weights per scale along K
+
+    def formats(self) -> dict[str, str]:
+        """The compressed components (manifest kinds) and their formats."""
+        chosen = {"attention": self.attn, "shared_projection": self.proj, "embeddings": self.embed}
+        return {kind: fmt for kind, fmt in chosen.items() if fmt != "fp32"}
 
     def __post_init__(self) -> None:
+        for name, allowed in (("attn", LINEAR_FORMATS), ("proj", LINEAR_FORMATS), ("embed", EMBED_FORMATS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} format {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block size must be 16, 32, 64, 128 or 256, got {self.block_size}")
         if self.packing not in PACKINGS:
             raise ValueError(f"unknown packing {self.packing!r}; expected one of {', '.join(PACKINGS)}")
         if self.angle_dtype not in ANGLE_DTYPES:
@@ -183,8 +199,10 @@ def export_module(module: nn.Module, example_inputs: tuple, out_dir: str | Path,
     op_schemas.register()
     packed = copy.deepcopy(module, _detached_memo(module)).eval()
     n_banks = pack_banks(packed, options.packing, options.angle_dtype, options.act_quant)
+    prepare_linears(packed, options.formats(), options.packing, options.act_quant)
     with torch.no_grad():
         model = _capture(packed, example_inputs, input_names, output_names, dynamic_shapes)
+    compress_graph(model, options.formats(), options.block_size)
     meta = {"kind": "module", **(meta or {}), "export_options": asdict(options), "expert_banks": n_banks,
             "inputs": input_names, "outputs": output_names}
     return _write_dir(Path(out_dir), model, meta, extra_files or {}, force)

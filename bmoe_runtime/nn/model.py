@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmoe_runtime.nn.moe import EXPERT_FORMS, VARIANTS, ButterflyMoE, balance_loss
+from bmoe_runtime.nn.ternary import TernaryLinear
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value) [B, H, T, d_head]
 
@@ -33,6 +34,10 @@ class ModelConfig:
     router_noise: float = 0.1
     balance_weight: float = 0.01
     per_row_scale: bool = True
+    # quantization-aware training (ternary, as the experts) of the attention projections and
+    # of the `paper` form's shared projection; exported through TernaryMatMul (bmoe-export --attn/--proj ternary)
+    ternary_attn: bool = False
+    ternary_proj: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -46,6 +51,8 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k {self.top_k} exceeds n_experts {self.n_experts}")
+        if self.ternary_proj and self.expert_form != "paper":
+            raise ValueError("ternary_proj needs expert_form 'paper' (the 'ffn' form has no shared projection)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,8 +70,12 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        if cfg.ternary_attn:
+            self.qkv = TernaryLinear(cfg.d_model, 3 * cfg.d_model, cfg.per_row_scale)
+            self.out = TernaryLinear(cfg.d_model, cfg.d_model, cfg.per_row_scale)
+        else:
+            self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+            self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -94,6 +105,8 @@ class Block(nn.Module):
         self.ln_moe = nn.LayerNorm(cfg.d_model)
         self.moe = ButterflyMoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.variant, cfg.expert_form,
                                 cfg.router_noise, cfg.per_row_scale)
+        if cfg.ternary_proj:  # same parameter shape and name as the fp32 projection it replaces
+            self.moe.proj = TernaryLinear(cfg.d_ff, cfg.d_model, cfg.per_row_scale)
 
     def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
         a, present = self.attn(self.ln_attn(x), past)

@@ -8,6 +8,8 @@ full-precision W keeps receiving gradients while the forward pass sees the grid.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 EPS = 1e-5
 
@@ -33,3 +35,15 @@ def fake_quantize(w: torch.Tensor, per_row: bool = True) -> torch.Tensor:
     if not (torch.is_grad_enabled() and w.requires_grad):
         return wq  # exactly trits·scale, as exported
     return w + (wq - w).detach()
+
+
+class TernaryLinear(nn.Linear):
+    """nn.Linear (no bias) trained ternary: the forward sees fake_quantize(weight), as the experts'
+    prototypes do, so the weight exports exactly as trits·scale (TernaryMatMul)."""
+
+    def __init__(self, in_features: int, out_features: int, per_row_scale: bool = True):
+        super().__init__(in_features, out_features, bias=False)
+        self.per_row_scale = per_row_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, fake_quantize(self.weight, self.per_row_scale))

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import _get_all_tensors, uses_external_data  # every tensor, subgraphs too
 
-from bmoe_runtime.backends import numba_ops
+from bmoe_runtime.backends import contrib_ops, numba_ops
 
 from bmoe_runtime.format import op_schemas
 from bmoe_runtime.errors import BmoeError
@@ -81,7 +81,13 @@ def _reference_ops(model_dir: Path):
             packing = packing.decode() if isinstance(packing, bytes) else packing
             return (numba_ops.ternary_matmul(a, w_packed, scale, K, packing, int(act_quant)),)
 
-    return [ButterflyRotate, TernaryMatMul, AnglePrefetch]
+    class MatMulNBits(OpRun):  # com.microsoft: the int4/int8 weights of a compressed export
+        op_domain = contrib_ops.DOMAIN
+
+        def _run(self, a, b, scales, zero_points=None, g_idx=None, bias=None, **attrs):
+            return (contrib_ops.matmul_nbits(a, b, scales, zero_points, g_idx, bias, **attrs),)
+
+    return [ButterflyRotate, TernaryMatMul, AnglePrefetch, MatMulNBits]
 
 
 def available_cores() -> int:

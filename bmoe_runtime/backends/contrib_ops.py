@@ -1,0 +1,56 @@
+"""Reference implementations of the ONNX Runtime contrib ops bmoe exports (com.microsoft).
+
+MatMulNBits: Y = A · dequant(B)ᵀ with B [N, k_blocks, blob_size] uint8 holding `bits`-bit
+codes blockwise along K (4 bits: element 2i in the low nibble, 2i+1 in the high one), one
+float scale per (row, block) and, with no zero_points input, the zero point 2^(bits-1).
+This is the subset bmoe writes (exporters/compress.py); anything else is rejected with an
+OpError rather than computed wrongly. Checked against ONNX Runtime in tests/test_compress.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bmoe_runtime.backends.numba_ops import OpError
+
+DOMAIN = "com.microsoft"
+
+
+def unpack_codes(b: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 blobs [..., blob_size] → codes [..., blob_size · 8 / bits] (uint8)."""
+    if bits == 8:
+        return b
+    lo, hi = b & 0x0F, b >> 4
+    return np.stack((lo, hi), axis=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+
+
+def dequantize_nbits(b: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """B [N, k_blocks, blob] + scales [N·k_blocks] → W [N, K] float32 (zero point 2^(bits-1))."""
+    n, k_blocks, _ = b.shape
+    codes = unpack_codes(b, bits).astype(np.float32) - float(1 << (bits - 1))
+    w = codes * scales.reshape(n, k_blocks, 1)
+    return w.reshape(n, -1)[:, :k]
+
+
+def matmul_nbits(a: np.ndarray, b: np.ndarray, scales: np.ndarray, zero_points=None, g_idx=None, bias=None, *,
+                 K: int, N: int, bits: int = 4, block_size: int, accuracy_level: int = 0) -> np.ndarray:  # noqa: N803
+    if zero_points is not None or g_idx is not None:
+        raise OpError("MatMulNBits: zero_points and g_idx are not supported by the reference runtime")
+    if bits not in (4, 8):
+        raise OpError(f"MatMulNBits: bits must be 4 or 8, got {bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise OpError(f"MatMulNBits: block_size must be a power of two ≥ 16, got {block_size}")
+    if K < 1 or N < 1:
+        raise OpError(f"MatMulNBits: K and N must be ≥ 1, got K={K} N={N}")
+    k_blocks = -(-K // block_size)
+    blob = block_size * bits // 8
+    if a.dtype != np.float32 or a.ndim < 1 or a.shape[-1] != K:
+        raise OpError(f"MatMulNBits: A must be float32 [..., {K}], got {a.dtype} {a.shape}")
+    if b.dtype != np.uint8 or b.shape != (N, k_blocks, blob):
+        raise OpError(f"MatMulNBits: B must be uint8 {(N, k_blocks, blob)}, got {b.dtype} {b.shape}")
+    if scales.dtype != np.float32 or scales.size != N * k_blocks:
+        raise OpError(f"MatMulNBits: scales must be float32 with {N * k_blocks} values, got {scales.dtype} {scales.shape}")
+    if bias is not None and (bias.dtype != np.float32 or bias.shape != (N,)):
+        raise OpError(f"MatMulNBits: bias must be float32 [{N}], got {bias.dtype} {bias.shape}")
+    y = a @ dequantize_nbits(b, scales, K, bits).T
+    return y if bias is None else y + bias

@@ -1,0 +1,209 @@
+"""Compressed exports (exporters/compress.py): int4/int8 blockwise weights through MatMulNBits and
+dequantizing Gathers, ternary-trained attention/projection through TernaryMatMul.
+
+References are independent of the exporter: a plain numpy blockwise quantizer with per-element
+bit unpacking, a PyTorch model carrying those dequantized weights, and the QAT model's own forward."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from bmoe_runtime.backends import ort_ops
+from bmoe_runtime.backends.contrib_ops import matmul_nbits
+from bmoe_runtime.backends.numba_ops import OpError
+from bmoe_runtime.errors import BmoeError
+from bmoe_runtime.nn.model import ModelConfig
+from bmoe_runtime.nn.ternary import TernaryLinear, fake_quantize
+from bmoe_runtime.runtime.generate import Generator
+from bmoe_runtime.runtime.session import ModelSession
+from exporters import ExportOptions, export_checkpoint
+from exporters.compress import quantize_blockwise
+
+from test_export import PROMPT, make_checkpoint, torch_logits
+
+needs_ort = pytest.mark.skipif(not ort_ops.available(), reason="C++ op library not built")
+
+
+def reference_dequantize(blob: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """MatMulNBits' layout decoded element by element: code i of a block is byte i·bits/8, low nibble first."""
+    n, k_blocks, blob_size = blob.shape
+    block = blob_size * 8 // bits
+    w = np.zeros((n, k_blocks * block), np.float64)
+    for r in range(n):
+        for b in range(k_blocks):
+            for i in range(block):
+                byte = int(blob[r, b, i * bits // 8])
+                code = byte if bits == 8 else (byte >> (4 * (i % 2))) & 0xF
+                w[r, b * block + i] = (code - 2 ** (bits - 1)) * float(scales.reshape(n, k_blocks)[r, b])
+    return w[:, :k]
+
+
+def reference_quantized(w: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """Symmetric round-to-nearest per block along K, s = max|w|/(2^(bits-1)−1), in float64."""
+    qmax = 2 ** (bits - 1) - 1
+    out = np.zeros_like(w, np.float64)
+    for r in range(w.shape[0]):
+        for s in range(0, w.shape[1], block):
+            blk = w[r, s:s + block].astype(np.float64)
+            step = np.abs(blk).max() / qmax
+            out[r, s:s + block] = 0 if step == 0 else np.round(blk / step) * step
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [64, 80])  # 80: a padded last block
+def test_blockwise_dequantizes_within_half_a_step(bits, k):
+    rng = np.random.default_rng(bits * k)
+    w = rng.standard_normal((7, k)).astype(np.float32)
+    w[3, :32] = 0  # an all-zero block
+    blob, scales = quantize_blockwise(w, bits, 32)
+    assert blob.shape == (7, -(-k // 32), 32 * bits // 8) and blob.dtype == np.uint8
+    deq = reference_dequantize(blob, scales, k, bits)
+    step = np.repeat(scales, 32, axis=1)[:, :k]  # each weight's own block step
+    assert np.all(np.abs(deq - w) <= step / 2 + 1e-6)
+    np.testing.assert_allclose(deq, reference_quantized(w, bits, 32), rtol=0, atol=1e-6)
+    assert np.all(deq[3, :32] == 0)
+
+
+def _nbits_model(k: int, n: int, bits: int, block: int, blob, scales, bias=None) -> bytes:
+    inputs = ["a", "b", "s"] + (["", "", "bias"] if bias is not None else [])  # bias is input 5
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block)
+    inits = [numpy_helper.from_array(blob, "b"), numpy_helper.from_array(scales, "s")]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+                                                   helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+
+
+@pytest.mark.parametrize("bits,k,block", [(4, 80, 32), (8, 48, 16), (4, 256, 128)])
+def test_matmul_nbits_reference_matches_onnxruntime(bits, k, block):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(k)
+    n = 24
+    blob, scales = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32), bits, block)
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    ours = matmul_nbits(a, blob, scales, None, None, bias, K=k, N=n, bits=bits, block_size=block)
+    sess = ort.InferenceSession(_nbits_model(k, n, bits, block, blob, scales, bias), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(ours, sess.run(None, {"a": a})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, a.astype(np.float64) @ reference_dequantize(blob, scales, k, bits).T + bias,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_matmul_nbits_reference_rejects_bad_inputs():
+    blob, scales = quantize_blockwise(np.ones((4, 32), np.float32), 4, 32)
+    a = np.ones((2, 32), np.float32)
+    with pytest.raises(OpError, match="B must be"):
+        matmul_nbits(a, blob[:, :, :8], scales, K=32, N=4, bits=4, block_size=32)
+    with pytest.raises(OpError, match="A must be"):
+        matmul_nbits(a[:, :16], blob, scales, K=32, N=4, bits=4, block_size=32)
+    with pytest.raises(OpError, match="scales"):
+        matmul_nbits(a, blob, scales[:2], K=32, N=4, bits=4, block_size=32)
+    with pytest.raises(OpError, match="bits"):
+        matmul_nbits(a, blob, scales, K=32, N=4, bits=3, block_size=32)
+    with pytest.raises(OpError, match="zero_points"):
+        matmul_nbits(a, blob, scales, np.zeros(4, np.uint8), K=32, N=4, bits=4, block_size=32)
+
+
+def _with_weights(model, names: dict[str, int], block: int):
+    """A copy of `model` whose named weights are replaced by the reference quantization (bits each)."""
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, bits in names.items():
+            w = params[name].numpy()
+            params[name].copy_(torch.from_numpy(reference_quantized(w, bits, block).astype(np.float32)))
+    return ref
+
+
+def _tokens_and_logits(out: Path, backend: str) -> tuple[list[int], np.ndarray]:
+    gen = Generator(ModelSession(out, backend=backend))
+    logits, _ = gen.step(np.array([PROMPT], np.int64), gen.empty_cache())
+    return list(gen.tokens(PROMPT, 24)), logits[0]
+
+
+def _check_runtimes(out: Path, ref_model) -> None:
+    """Numba runtime (and ORT with the C++ ops) against the PyTorch reference: logits and greedy tokens
+    (exports with fp32 angles, so the weights under test are the only approximation)."""
+    want_logits = torch_logits(ref_model, PROMPT)
+    want = ref_model.generate(torch.tensor([PROMPT]), 24)[0, len(PROMPT):].tolist()
+    backends = ["numba"] + (["ort"] if ort_ops.available() else [])
+    for backend in backends:
+        tokens, logits = _tokens_and_logits(out, backend)
+        assert np.abs(logits - want_logits).max() <= 1e-4, backend
+        assert tokens == want, backend
+
+
+def test_int4_attention_projection_int8_embeddings(tmp_path):
+    # d_model 48: the embedding rows and attention inputs end in a padded block (48 = 32 + 16)
+    model = make_checkpoint(tmp_path / "m.pt")
+    out = export_checkpoint(tmp_path / "m.pt", tmp_path / "x", ExportOptions(angle_dtype="fp32", attn="int4", proj="int4", embed="int8"))
+    bits = {n: 4 for n, _ in model.named_parameters() if ".attn." in n or ".proj." in n}
+    bits.update({"tok_emb.weight": 8, "pos_emb.weight": 8})
+    _check_runtimes(out, _with_weights(model, bits, 32))
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert not {t.name for t in proto.graph.initializer} & set(bits)  # no fp32 copy left behind
+    ops = [n.op_type for n in proto.graph.node]
+    # per layer qkv, out, proj; the tied head
+    assert ops.count("MatMulNBits") == 3 * model.cfg.n_layers + 1 and "Transpose" not in ops[-3:]
+
+
+def test_int4_embeddings_block_16(tmp_path):
+    model = make_checkpoint(tmp_path / "m.pt", expert_form="ffn")
+    out = export_checkpoint(tmp_path / "m.pt", tmp_path / "x", ExportOptions(angle_dtype="fp32", embed="int4", block_size=16))
+    _check_runtimes(out, _with_weights(model, {"tok_emb.weight": 4, "pos_emb.weight": 4}, 16))
+
+
+def test_ternary_trained_attention_and_projection(tmp_path):
+    model = make_checkpoint(tmp_path / "q.pt", ternary_attn=True, ternary_proj=True)
+    assert isinstance(model.blocks[0].attn.qkv, TernaryLinear) and isinstance(model.blocks[0].moe.proj, TernaryLinear)
+    # attention exported ternary (TernaryMatMul), the projection as its dense trits·scale (a plain Gemm)
+    out = export_checkpoint(tmp_path / "q.pt", tmp_path / "x", ExportOptions(angle_dtype="fp32", attn="ternary"))
+    _check_runtimes(out, model)  # the QAT forward is exactly trits·scale: nothing to approximate
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert [n.op_type for n in proto.graph.node].count("TernaryMatMul") == 3 * model.cfg.n_layers  # 2 attn + experts
+    w = model.blocks[0].moe.proj.weight.detach()
+    stored = numpy_helper.to_array(next(t for t in onnx.load(str(out / "model.onnx")).graph.initializer
+                                        if t.name.endswith("blocks.0.moe.proj.weight")))
+    np.testing.assert_allclose(stored, fake_quantize(w).numpy(), rtol=0, atol=1e-7)
+
+
+def test_qat_flag_needs_the_paper_form():
+    with pytest.raises(ValueError, match="ternary_proj needs expert_form 'paper'"):
+        ModelConfig(expert_form="ffn", ternary_proj=True)
+
+
+@pytest.mark.parametrize("ckpt,args,message", [
+    ("fp32", ["--attn", "ternary"], "--attn ternary needs a checkpoint trained with ternary attention"),
+    ("fp32", ["--proj", "ternary", "--attn", "int4"], "--proj ternary needs a checkpoint trained with ternary"),
+    ("ffn", ["--proj", "int4"], "--proj int4: this model has no shared projection weights"),
+])
+def test_cli_bad_combinations_one_line(tmp_path, ckpt, args, message):
+    make_checkpoint(tmp_path / "m.pt", **({"expert_form": "ffn"} if ckpt == "ffn" else {}))
+    r = subprocess.run([sys.executable, "-m", "exporters.cli", str(tmp_path / "m.pt"), "-o", str(tmp_path / "x"),
+                        *args], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) <= 2  # "exporting ..." + the error
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_options_reject_unknown_formats():
+    with pytest.raises(ValueError, match="unknown attn format"):
+        ExportOptions(attn="int2")
+    with pytest.raises(ValueError, match="unknown embed format"):
+        ExportOptions(embed="ternary")
+    with pytest.raises(ValueError, match="block size"):
+        ExportOptions(block_size=24)
