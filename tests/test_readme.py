@@ -23,7 +23,8 @@ def test_readme_has_python_examples():
 def test_readme_python_block_runs(i, tmp_path):
     script = tmp_path / f"readme_block_{i}.py"
     script.write_text(BLOCKS[i], encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]  # this checkout first, the rest kept
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
                        timeout=300)
     assert r.returncode == 0, f"README python block {i} failed:\n{BLOCKS[i]}\n--- stderr ---\n{r.stderr[-3000:]}"
