@@ -120,6 +120,9 @@ def test_damaged_shards_are_refused(corpus, tmp_path):
         f"Error: token shard {shard} has {len(raw) - 2} bytes, its index says {len(raw) // 2} tokens of 2 bytes: "
         f"the token cache is corrupt; delete {shards.path} to rebuild it"]
     assert not (tmp_path / "m.pt").exists()
+    shard.unlink()
+    with pytest.raises(CorpusError, match="train-00000.bin is missing"):
+        open_shards(shards.path, verify=False)
     (shards.path / "meta.json").write_text("{not json")
     with pytest.raises(CorpusError, match="not a readable token-cache index"):
         open_shards(shards.path)
@@ -222,4 +225,4 @@ def test_tokenizing_needs_memory_independent_of_corpus_size(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rise, n_train = map(int, r.stdout.split())
     assert n_train == len(corpus.read_text(encoding="utf-8")[:int(n_chars * 0.9)].encode())
-    assert rise < 8 * 2**20, f"peak memory rose by {rise / 2**20:.1f} MiB tokenizing {corpus.stat().st_size / 1e6:.0f} MB"
+    assert rise < 8 * 2**20, f"peak rose by {rise / 2**20:.1f} MiB tokenizing {corpus.stat().st_size / 1e6:.0f} MB"

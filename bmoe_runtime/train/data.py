@@ -100,8 +100,8 @@ def _decoded_blocks(path: Path) -> Iterator[tuple[bytes, str]]:
                 try:
                     text = decoder.decode(raw, final=not raw)
                 except UnicodeDecodeError as exc:
-                    raise CorpusError(f"{path} is not UTF-8 text (invalid byte at offset {offset - pending + exc.start}: "
-                                      f"{exc.reason})") from None
+                    at = offset - pending + exc.start
+                    raise CorpusError(f"{path} is not UTF-8 text (invalid byte at offset {at}: {exc.reason})") from None
                 offset += len(raw)
                 yield raw, text
                 if not raw:

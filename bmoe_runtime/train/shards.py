@@ -98,7 +98,8 @@ class TokenSplit:
         rows = torch.from_numpy(np.stack([self.read(int(s), seq + 1) for s in starts]).astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
-    def eval_batches(self, seq: int, max_tokens: int | None, rows: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, seq: int, max_tokens: int | None,
+                     rows: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows covering the split (or its first max_tokens), `rows` at a time."""
         n = len(self) - 1 if not max_tokens else min(len(self) - 1, max_tokens)
         starts = np.arange(0, n - seq + 1, seq)
@@ -144,7 +145,10 @@ def open_shards(entry: Path, verify: bool = True) -> TokenShards:
         arrays = []
         for shard in spec["shards"]:
             path = entry / Path(shard["file"]).name  # never outside the entry
-            size = path.stat().st_size if path.is_file() else -1
+            if not path.is_file():
+                raise CorpusError(f"token shard {path} is missing: the token cache is corrupt; delete {entry} to "
+                                  "rebuild it")
+            size = path.stat().st_size
             if size != shard["tokens"] * dtype.itemsize:
                 raise CorpusError(f"token shard {path} has {size} bytes, its index says {shard['tokens']} tokens of "
                                   f"{dtype.itemsize} bytes: the token cache is corrupt; delete {entry} to rebuild it")
@@ -202,7 +206,8 @@ def _write_split(tmp: Path, split: str, source: CorpusSource, tok: Tokenizer, dt
             words += count_words(piece)  # additive: pieces end at a space or newline after a word
             ids = _encode(tok, piece)
             if len(ids) and int(ids.max()) >= tok.vocab_size:
-                raise CorpusError(f"the tokenizer produced id {int(ids.max())} ≥ its vocabulary size {tok.vocab_size}")
+                raise CorpusError(f"the tokenizer produced id {int(ids.max())} ≥ its vocabulary size "
+                                  f"{tok.vocab_size}")
             ids = ids.astype(dtype)
             while len(ids):
                 if f is None or n == shard_tokens:

@@ -184,7 +184,8 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
     state = ckpt["train_state"] if ckpt else None
     if ranks.main:  # tokenize once (or find the cached shards); the other ranks map the same files
         source = scan_corpus(data)
-        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else build_tokenizer(tokenizer, source, bpe_vocab, cache_dir)
+        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else \
+            build_tokenizer(tokenizer, source, bpe_vocab, cache_dir)
         shards = prepare_tokens(source, tok, cache_dir)
         log(f"{source.name}: {'tokenized into' if shards.built else 'token shards reused from'} {shards.path}")
         shared = {"entry": str(shards.path), "tokenizer": tok.to_dict()}
@@ -301,7 +302,8 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         checkpoint(metrics, rngs)
         speed = f", {steady:,.0f} tokens/s steady on {ranks.world} rank(s)" if steady else ""
         log(f"done: valid loss {final['valid']['loss']:.4f} (ppl {final['valid']['ppl']:.2f}, "
-            f"bpc {final['valid']['bpc']:.3f}), test loss {final['test']['loss']:.4f}; {elapsed:.0f}s{speed}; wrote {out}")
+            f"bpc {final['valid']['bpc']:.3f}), test loss {final['test']['loss']:.4f}; {elapsed:.0f}s{speed}; "
+            f"wrote {out}")
     barrier(ranks)  # the other ranks leave once rank 0 has written the checkpoint
     return metrics
 
