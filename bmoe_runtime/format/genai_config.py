@@ -17,6 +17,7 @@ cuts a text short, and a corpus may use it as a document separator.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bmoe_runtime.errors import BmoeError
@@ -116,5 +117,5 @@ def _first_difference(want, got, at: str) -> str | None:
                 return problem
         return None
     if got != want or type(got) is not type(want):
-        return f"{at} is {str(got)[:60]!r}, expected {want!r}"
+        return f"{at} is {json.dumps(got)[:60]}, expected {json.dumps(want)}"
     return None
