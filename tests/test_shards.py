@@ -129,19 +129,27 @@ def test_damaged_shards_are_refused(corpus, tmp_path):
 
 
 def test_failed_tokenization_leaves_nothing(tmp_path, small_reads):
-    """A non-UTF-8 byte late in the file (after shards were begun): one error, no entry, no temporary."""
+    """A non-UTF-8 byte mid-file (after shards were begun), or a file changed since its scan: one error, no cache
+    entry, no temporary."""
+    good_bytes = ("good text line\n" * 4000).encode()
+    bad_bytes = good_bytes[:30000] + b"\xff" + good_bytes[30001:]  # same length
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(("good text line\n" * 4000).encode() + b"\xff\xfe" + b"more\n" * 10)
-    with pytest.raises(CorpusError, match=r"is not UTF-8 text \(invalid byte at offset 60000"):
+    bad.write_bytes(bad_bytes)
+    with pytest.raises(CorpusError, match=r"is not UTF-8 text \(invalid byte at offset 30000"):
         scan_corpus(bad)
-    cache = tmp_path / "cache"
-    good = tmp_path / "good.txt"
-    good.write_bytes(("good text line\n" * 4000).encode())
+    cache, good = tmp_path / "cache", tmp_path / "good.txt"
+    good.write_bytes(good_bytes)
     src = scan_corpus(good)
-    good.write_bytes(bad.read_bytes())  # changed between the scan and the tokenization
+    good.write_bytes(bad_bytes)  # changed between the scan and the tokenization
     with pytest.raises(CorpusError, match="not UTF-8"):
         prepare_tokens(src, ByteTokenizer(), cache)
     assert list(cache.iterdir()) == []
+    good.write_bytes(good_bytes.replace(b"good", b"bad!", 1))  # valid text, but not the scanned one
+    with pytest.raises(CorpusError, match="changed while bmoe was reading it"):
+        prepare_tokens(src, ByteTokenizer(), cache)
+    assert list(cache.iterdir()) == []
+    with pytest.raises(CorpusError, match="not a regular file"):
+        scan_corpus("/dev/zero")  # would be read forever
 
 
 @pytest.mark.parametrize("content, expected", [

@@ -11,7 +11,7 @@ import codecs
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -31,8 +31,10 @@ _LAST_CUT = re.compile(r"[ \n](?=[^\s\x1c-\x1f])")
 
 @dataclass(frozen=True)
 class SplitSpan:
-    """Characters [start, end) of one UTF-8 file (end None: to the end)."""
+    """Characters [start, end) of one UTF-8 file (end None: to the end) of n_bytes bytes with this sha256."""
     path: Path
+    n_bytes: int
+    sha256: str
     start: int = 0
     end: int | None = None
 
@@ -56,22 +58,23 @@ def scan_corpus(path: str | Path) -> CorpusSource:
             if len(inner) == 1:
                 return scan_corpus(inner[0])
             raise CorpusError(f"{p} holds no train.txt (expected train/valid/test.txt or a single .txt file)")
-        scans = {s: _scan_file(f) for s, f in files.items() if f.is_file()}
-        if scans["train"][1] == 0:
+        scans = {s: _scan_file(f)[0] for s, f in files.items() if f.is_file()}
+        if scans["train"].n_bytes == 0:
             raise CorpusError(f"{files['train']} is empty")
-        if scans.get("valid", (None, 0))[1] == 0:
+        if "valid" not in scans or scans["valid"].n_bytes == 0:
             raise CorpusError(f"{p} has train.txt but no valid.txt (or an empty one)")
-        if scans.get("test", (None, 0))[1] == 0:
-            files["test"], scans["test"] = files["valid"], scans["valid"]
-        spans = {s: SplitSpan(files[s]) for s in SPLITS}
-        rule = {s: [scans[s][0], 0, None] for s in SPLITS}
-        return CorpusSource(p.name, spans, _digest(rule))
-    sha, n_chars = _scan_file(p)
+        if "test" not in scans or scans["test"].n_bytes == 0:
+            scans["test"] = scans["valid"]
+        rule = {s: [scans[s].sha256, 0, None] for s in SPLITS}
+        return CorpusSource(p.name, scans, _digest(rule))
+    if not p.is_file():  # a device or a pipe could be read forever
+        raise CorpusError(f"{p} is not a regular file or a directory")
+    whole, n_chars = _scan_file(p)
     if n_chars < MIN_FILE_CHARS:
         raise CorpusError(f"{p} is too small to train on ({n_chars} characters)")
     cut = int(n_chars * 0.9)
-    spans = {"train": SplitSpan(p, 0, cut), "valid": SplitSpan(p, cut), "test": SplitSpan(p, cut)}
-    rule = {s: [sha, span.start, span.end] for s, span in spans.items()}
+    spans = {"train": replace(whole, end=cut), "valid": replace(whole, start=cut), "test": replace(whole, start=cut)}
+    rule = {s: [span.sha256, span.start, span.end] for s, span in spans.items()}
     return CorpusSource(p.stem if p.stem != "input" else p.parent.name, spans, _digest(rule))
 
 
@@ -79,23 +82,25 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _scan_file(path: Path) -> tuple[str, int]:
-    """(sha256 of the bytes, number of characters), reading READ_BYTES at a time."""
-    sha, n_chars = hashlib.sha256(), 0
-    for raw, text in _decoded_blocks(path):
+def _scan_file(path: Path) -> tuple[SplitSpan, int]:
+    """(the whole file as a span, with its size and sha256; its number of characters), checked to be UTF-8,
+    reading READ_BYTES at a time."""
+    n_bytes, sha, n_chars = path.stat().st_size, hashlib.sha256(), 0
+    for raw, text in _decoded_blocks(path, n_bytes):
         sha.update(raw)
         n_chars += len(text)
-    return sha.hexdigest(), n_chars
+    return SplitSpan(path, n_bytes, sha.hexdigest()), n_chars
 
 
-def _decoded_blocks(path: Path) -> Iterator[tuple[bytes, str]]:
-    """(raw bytes, their text) blocks; a character split across blocks comes out whole in the later one."""
+def _decoded_blocks(path: Path, n_bytes: int) -> Iterator[tuple[bytes, str]]:
+    """(raw bytes, their text) blocks of the first n_bytes (no more, should the file grow); a character split
+    across blocks comes out whole in the later one."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     try:
         with open(path, "rb") as f:
             while True:
-                raw = f.read(READ_BYTES)
+                raw = f.read(min(READ_BYTES, n_bytes - offset))
                 pending = len(decoder.getstate()[0])
                 try:
                     text = decoder.decode(raw, final=not raw)
@@ -111,9 +116,11 @@ def _decoded_blocks(path: Path) -> Iterator[tuple[bytes, str]]:
 
 
 def split_pieces(span: SplitSpan) -> Iterator[str]:
-    """The span's text in pieces of about READ_BYTES, each ending at a cut (see _LAST_CUT)."""
-    pos, carry = 0, ""
-    for _, text in _decoded_blocks(span.path):
+    """The span's text in pieces of about READ_BYTES, each ending at a cut (see _LAST_CUT). A span read to the end
+    of its file is checked against the file's sha256 from the scan: a file changed since is an error."""
+    pos, carry, sha = 0, "", hashlib.sha256()
+    for raw, text in _decoded_blocks(span.path, span.n_bytes):
+        sha.update(raw)
         lo, hi = max(span.start - pos, 0), len(text) if span.end is None else min(span.end - pos, len(text))
         pos += len(text)
         if lo < hi:
@@ -128,6 +135,8 @@ def split_pieces(span: SplitSpan) -> Iterator[str]:
                               "after a word: not text bmoe can tokenize in pieces")
         if span.end is not None and pos >= span.end:
             break
+    if span.end is None and sha.hexdigest() != span.sha256:
+        raise CorpusError(f"{span.path} changed while bmoe was reading it; run again once it is complete")
     if carry:
         yield carry
 
