@@ -211,8 +211,9 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         opt.load_state_dict(state["optimizer"])
         step, history, curve = state["step"], list(state["history"]), list(state.get("train_curve", []))
         _restore_rng(state, tc, step, device, ranks, log)
-        if state.get("data_stream", {}).get("sampler", SAMPLER) != SAMPLER:
-            log(f"{out} was written by a data sampler this bmoe does not have: the rest of the run sees other windows")
+        if state.get("data_stream", {}).get("sampler") != SAMPLER:  # an older bmoe's checkpoint
+            log(f"{out} was written with another data sampler: the rest of the run draws other windows than it would "
+                "have")
         log(f"resuming {out} at step {step}/{tc.steps}" + (f" on {ranks.world} ranks" if ranks.world > 1 else ""))
 
     net = LossOf(model)
