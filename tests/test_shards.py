@@ -17,7 +17,7 @@ import bmoe_runtime.train.data as data_mod
 from bmoe_runtime.cli import train_cli
 from bmoe_runtime.errors import CorpusError
 from bmoe_runtime.format.tokenizer import BPETokenizer, ByteTokenizer
-from bmoe_runtime.train.data import count_words, scan_corpus, split_pieces, split_text, step_starts
+from bmoe_runtime.train.data import count_words, scan_corpus, split_text, step_starts
 from bmoe_runtime.train.shards import cache_key, open_shards, prepare_tokens, token_dtype, trained_bpe
 
 
@@ -46,10 +46,10 @@ def small_reads(monkeypatch):
 def test_pieces_are_the_text(corpus, text, small_reads):
     src = scan_corpus(corpus)
     cut = int(len(text) * 0.9)
-    assert src.splits["train"].end == cut and src.splits["valid"].start == cut  # 90/10 by character
-    pieces = list(split_pieces(src.splits["train"]))
+    assert src.splits["train"][0].end == cut and src.splits["valid"][0].start == cut  # 90/10 by character
+    pieces = list(src.pieces("train"))
     assert len(pieces) > 50 and "".join(pieces) == text[:cut]
-    assert split_text(src.splits["valid"]) == text[cut:]
+    assert split_text(src, "valid") == text[cut:]
     assert sum(count_words(p) for p in pieces) == count_words(text[:cut])
 
 
@@ -74,7 +74,7 @@ def test_bpe_streamed_training_and_encoding_equal_whole_text(corpus, text, small
     src = scan_corpus(corpus)
     cut = int(len(text) * 0.9)
     whole = BPETokenizer.train(text[:cut], 400)
-    streamed = BPETokenizer.train(split_pieces(src.splits["train"]), 400)
+    streamed = BPETokenizer.train(src.pieces("train"), 400)
     assert streamed.to_dict() == whole.to_dict()
     shards = prepare_tokens(src, whole, tmp_path / "cache")
     for split, ref in (("train", text[:cut]), ("valid", text[cut:])):
@@ -172,11 +172,34 @@ def test_bad_corpus_is_one_line(tmp_path, content, expected):
 def test_empty_split_files(tmp_path):
     (tmp_path / "train.txt").write_text("")
     (tmp_path / "valid.txt").write_text("some text\n")
-    with pytest.raises(CorpusError, match="train.txt is empty"):
+    with pytest.raises(CorpusError, match="the train split of .* is empty"):
         scan_corpus(tmp_path)
     (tmp_path / "train.txt").write_text("some text\n")
     (tmp_path / "valid.txt").write_text("")
     with pytest.raises(CorpusError, match="no valid.txt"):
+        scan_corpus(tmp_path)
+
+
+def test_split_directories_of_files(tmp_path, text):
+    """train/ and valid/ directories of .txt files: read in name order, each file tokenized on its own."""
+    docs = {"b.txt": text[:20_000], "a.txt": text[20_000:45_000], "c.txt": "last document\n"}
+    (tmp_path / "train").mkdir()
+    for name, doc in docs.items():
+        (tmp_path / "train" / name).write_text(doc, encoding="utf-8")
+    (tmp_path / "train" / "notes.md").write_text("not part of the corpus")
+    (tmp_path / "valid").mkdir()
+    (tmp_path / "valid" / "v.txt").write_text(text[45_000:], encoding="utf-8")
+    src = scan_corpus(tmp_path)
+    assert [sp.path.name for sp in src.splits["train"]] == ["a.txt", "b.txt", "c.txt"]
+    assert src.splits["test"] == src.splits["valid"]
+    bpe = BPETokenizer.train(text[:45_000], 350)
+    shards = prepare_tokens(src, bpe, tmp_path / "cache")
+    ids = np.concatenate(shards.splits["train"].shards).tolist()
+    assert ids == sum((bpe.encode(docs[n]) for n in ("a.txt", "b.txt", "c.txt")), [])
+    assert shards.splits["train"].chars == sum(map(len, docs.values()))
+    assert split_text(src, "train") == docs["a.txt"] + docs["b.txt"] + docs["c.txt"]
+    (tmp_path / "valid" / "v.txt").unlink()
+    with pytest.raises(CorpusError, match="valid holds no .txt files"):
         scan_corpus(tmp_path)
 
 

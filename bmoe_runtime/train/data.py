@@ -1,8 +1,9 @@
 """Corpora: which text is train/valid/test, read in bounded pieces (a corpus may be larger than RAM).
 
-A corpus is a directory with train.txt/valid.txt[/test.txt] (WikiText-2), or one text file split 90/10 by
-character position (TinyShakespeare). Files are streamed: scanned once for their hash, UTF-8 validity and
-length, then read piece by piece for tokenization (bmoe_runtime.train.shards).
+A corpus is a directory with train.txt/valid.txt[/test.txt] (WikiText-2) — each split may instead be a
+subdirectory of .txt files, read in name order — or one text file split 90/10 by character position
+(TinyShakespeare). Files are streamed: scanned once for their hash, UTF-8 validity and length, then read piece
+by piece for tokenization (bmoe_runtime.train.shards).
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ class SplitSpan:
 @dataclass(frozen=True)
 class CorpusSource:
     name: str
-    splits: dict[str, SplitSpan]  # train, valid, test (TinyShakespeare has no test split: valid stands in)
+    splits: dict[str, list[SplitSpan]]  # train, valid, test (TinyShakespeare has no test split: valid stands in)
     sha256: str  # of every file's bytes and the split rule: the corpus's identity in the token cache
+
+    def pieces(self, split: str) -> Iterator[str]:
+        """The split's text in bounded pieces; each file of a split is tokenized on its own (a document)."""
+        for span in self.splits[split]:
+            yield from split_pieces(span)
 
 
 def scan_corpus(path: str | Path) -> CorpusSource:
@@ -52,30 +58,43 @@ def scan_corpus(path: str | Path) -> CorpusSource:
     if not p.exists():
         raise CorpusError(f"corpus not found: {p}")
     if p.is_dir():
-        files = {s: p / f"{s}.txt" for s in SPLITS}
-        if not files["train"].is_file():
+        files = {s: _split_files(p, s) for s in SPLITS}
+        if files["train"] is None:
             inner = sorted(f for f in p.glob("*.txt") if f.is_file())
             if len(inner) == 1:
                 return scan_corpus(inner[0])
-            raise CorpusError(f"{p} holds no train.txt (expected train/valid/test.txt or a single .txt file)")
-        scans = {s: _scan_file(f)[0] for s, f in files.items() if f.is_file()}
-        if scans["train"].n_bytes == 0:
-            raise CorpusError(f"{files['train']} is empty")
-        if "valid" not in scans or scans["valid"].n_bytes == 0:
-            raise CorpusError(f"{p} has train.txt but no valid.txt (or an empty one)")
-        if "test" not in scans or scans["test"].n_bytes == 0:
-            scans["test"] = scans["valid"]
-        rule = {s: [scans[s].sha256, 0, None] for s in SPLITS}
-        return CorpusSource(p.name, scans, _digest(rule))
+            raise CorpusError(f"{p} holds no train.txt (expected train/valid/test.txt, train/ valid/ test/ "
+                              "directories of .txt files, or a single .txt file)")
+        spans = {s: [_scan_file(f)[0] for f in fs] for s, fs in files.items() if fs is not None}
+        size = {s: sum(span.n_bytes for span in spans.get(s, [])) for s in SPLITS}
+        if size["train"] == 0:
+            raise CorpusError(f"the train split of {p} is empty")
+        if size["valid"] == 0:
+            raise CorpusError(f"{p} has a train split but no valid.txt or valid/ (or an empty one)")
+        if size["test"] == 0:
+            spans["test"] = spans["valid"]
+        rule = {s: [span.sha256 for span in spans[s]] for s in SPLITS}
+        return CorpusSource(p.name, spans, _digest(rule))
     if not p.is_file():  # a device or a pipe could be read forever
         raise CorpusError(f"{p} is not a regular file or a directory")
     whole, n_chars = _scan_file(p)
     if n_chars < MIN_FILE_CHARS:
         raise CorpusError(f"{p} is too small to train on ({n_chars} characters)")
     cut = int(n_chars * 0.9)
-    spans = {"train": replace(whole, end=cut), "valid": replace(whole, start=cut), "test": replace(whole, start=cut)}
-    rule = {s: [span.sha256, span.start, span.end] for s, span in spans.items()}
+    spans = {"train": [replace(whole, end=cut)], "valid": [replace(whole, start=cut)],
+             "test": [replace(whole, start=cut)]}
+    rule = {s: [whole.sha256, span.start, span.end] for s, [span] in spans.items()}
     return CorpusSource(p.stem if p.stem != "input" else p.parent.name, spans, _digest(rule))
+
+
+def _split_files(corpus: Path, split: str) -> list[Path] | None:
+    """<split>/*.txt in name order, else [<split>.txt], else None."""
+    if (corpus / split).is_dir():
+        files = sorted(f for f in (corpus / split).glob("*.txt") if f.is_file())
+        if not files:
+            raise CorpusError(f"{corpus / split} holds no .txt files")
+        return files
+    return [corpus / f"{split}.txt"] if (corpus / f"{split}.txt").is_file() else None
 
 
 def _digest(obj) -> str:
@@ -141,9 +160,9 @@ def split_pieces(span: SplitSpan) -> Iterator[str]:
         yield carry
 
 
-def split_text(span: SplitSpan) -> str:
-    """The whole span in memory (small corpora and evaluation scripts only)."""
-    return "".join(split_pieces(span))
+def split_text(source: CorpusSource, split: str) -> str:
+    """A whole split in memory (small corpora and evaluation scripts only)."""
+    return "".join(source.pieces(split))
 
 
 def count_words(text: str) -> int:
@@ -162,7 +181,7 @@ class Corpus:
 def load_corpus(path: str | Path) -> Corpus:
     """The corpus's three splits as strings (for small corpora; training streams them instead)."""
     src = scan_corpus(path)
-    return Corpus(src.name, *(split_text(src.splits[s]) for s in SPLITS))
+    return Corpus(src.name, *(split_text(src, s) for s in SPLITS))
 
 
 def step_starts(seed: int, step: int, n_tokens: int, batch: int, seq: int) -> np.ndarray:

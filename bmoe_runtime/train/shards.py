@@ -23,7 +23,7 @@ import torch
 
 from bmoe_runtime.errors import CorpusError
 from bmoe_runtime.format.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, tokenizer_from_dict
-from bmoe_runtime.train.data import SPLITS, CorpusSource, count_words, split_pieces
+from bmoe_runtime.train.data import SPLITS, CorpusSource, count_words
 
 FORMAT, VERSION = "bmoe-tokens", 1
 SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB as uint16)
@@ -58,7 +58,7 @@ def trained_bpe(source: CorpusSource, vocab_size: int, cache_dir: str | Path | N
             return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, OSError):
             pass
-    tok = BPETokenizer.train(split_pieces(source.splits["train"]), vocab_size)
+    tok = BPETokenizer.train(source.pieces("train"), vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -201,7 +201,7 @@ def _write_split(tmp: Path, split: str, source: CorpusSource, tok: Tokenizer, dt
         shards[-1].update(tokens=n, sha256=sha.hexdigest())
 
     try:
-        for piece in split_pieces(source.splits[split]):
+        for piece in source.pieces(split):
             chars += len(piece)
             words += count_words(piece)  # additive: pieces end at a space or newline after a word
             ids = _encode(tok, piece)
