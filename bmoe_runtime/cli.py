@@ -52,8 +52,9 @@ def _cap_threads(threads: int | None) -> int | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", required=True, type=click.Path(), help="Corpus: a directory with train/valid/test.txt, or one "
-              "text file (split 90/10); tokenized once into memory-mapped shards in --cache-dir.")
+@click.option("--data", required=True, type=click.Path(), help="Corpus: a directory with train/valid/test.txt (or "
+              "train/ valid/ test/ directories of .txt files), or one text file (split 90/10); tokenized once into "
+              "memory-mapped shards in --cache-dir.")
 @click.option("--out", required=True, type=click.Path(), help="Checkpoint to write (model.pt).")
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default="tiny", show_default=True)
 @click.option("--variant", type=click.Choice(VARIANTS), default="butterfly", show_default=True)
