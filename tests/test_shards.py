@@ -123,9 +123,12 @@ def test_damaged_shards_are_refused(corpus, tmp_path):
     shard.unlink()
     with pytest.raises(CorpusError, match="train-00000.bin is missing"):
         open_shards(shards.path, verify=False)
-    (shards.path / "meta.json").write_text("{not json")
-    with pytest.raises(CorpusError, match="not a readable token-cache index"):
-        open_shards(shards.path)
+    meta = json.loads((shards.path / "meta.json").read_text())
+    for damage in ("{not json", json.dumps({**meta, "splits": {"train": {}}}),
+                   json.dumps({**meta, "dtype": "<f8"}), json.dumps([1, 2])):
+        (shards.path / "meta.json").write_text(damage)
+        with pytest.raises(CorpusError, match="not a readable token-cache index"):
+            open_shards(shards.path)
 
 
 def test_failed_tokenization_leaves_nothing(tmp_path, small_reads):

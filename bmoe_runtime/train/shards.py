@@ -134,29 +134,32 @@ def open_shards(entry: Path, verify: bool = True) -> TokenShards:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         dtype = np.dtype(meta["dtype"])
-        specs = {s: meta["splits"][s] for s in SPLITS}
         if meta["format"] != FORMAT or meta["version"] != VERSION or dtype not in (np.dtype("<u2"), np.dtype("<u4")):
             raise ValueError("unknown format")
+        specs = {s: (int(meta["splits"][s]["chars"]), int(meta["splits"][s]["words"]),
+                     [(entry / Path(str(sh["file"])).name, int(sh["tokens"]), str(sh["sha256"]))  # inside the entry
+                      for sh in meta["splits"][s]["shards"]]) for s in SPLITS}
+        if any(n < 1 for _, _, shards in specs.values() for _, n, _ in shards):
+            raise ValueError("a shard of no tokens")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorpusError(f"{meta_path} is not a readable token-cache index ({type(exc).__name__}); "
                           f"delete {entry} to rebuild it") from None
     splits = {}
-    for s, spec in specs.items():
+    for s, (chars, words, shards) in specs.items():
         arrays = []
-        for shard in spec["shards"]:
-            path = entry / Path(shard["file"]).name  # never outside the entry
+        for path, tokens, sha256 in shards:
             if not path.is_file():
                 raise CorpusError(f"token shard {path} is missing: the token cache is corrupt; delete {entry} to "
                                   "rebuild it")
             size = path.stat().st_size
-            if size != shard["tokens"] * dtype.itemsize:
-                raise CorpusError(f"token shard {path} has {size} bytes, its index says {shard['tokens']} tokens of "
+            if size != tokens * dtype.itemsize:
+                raise CorpusError(f"token shard {path} has {size} bytes, its index says {tokens} tokens of "
                                   f"{dtype.itemsize} bytes: the token cache is corrupt; delete {entry} to rebuild it")
-            if verify and _file_sha256(path) != shard["sha256"]:
+            if verify and _file_sha256(path) != sha256:
                 raise CorpusError(f"token shard {path} does not match its checksum: the token cache is corrupt; "
                                   f"delete {entry} to rebuild it")
             arrays.append(np.memmap(path, dtype=dtype, mode="r"))
-        splits[s] = TokenSplit(arrays, spec["chars"], spec["words"])
+        splits[s] = TokenSplit(arrays, chars, words)
     return TokenShards(entry, meta, splits, built=False)
 
 
