@@ -74,10 +74,10 @@ def test_blockwise_dequantizes_within_half_a_step(bits, k):
     assert np.all(deq[3, :32] == 0)
 
 
-def _nbits_model(k: int, n: int, bits: int, block: int, blob, scales, bias=None) -> bytes:
+def _nbits_model(k: int, n: int, bits: int, block: int, blob, scales, bias, accuracy_level: int) -> bytes:
     inputs = ["a", "b", "s"] + (["", "", "bias"] if bias is not None else [])  # bias is input 5
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=block)
+                            block_size=block, accuracy_level=accuracy_level)
     inits = [numpy_helper.from_array(blob, "b"), numpy_helper.from_array(scales, "s")]
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "bias"))
@@ -87,8 +87,9 @@ def _nbits_model(k: int, n: int, bits: int, block: int, blob, scales, bias=None)
                                                    helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
 
 
+@pytest.mark.parametrize("accuracy_level", [0, 4])  # 4: int8 activations per block, as exported
 @pytest.mark.parametrize("bits,k,block", [(4, 80, 32), (8, 48, 16), (4, 256, 128)])
-def test_matmul_nbits_reference_matches_onnxruntime(bits, k, block):
+def test_matmul_nbits_reference_matches_onnxruntime(bits, k, block, accuracy_level):
     import onnxruntime as ort
 
     rng = np.random.default_rng(k)
@@ -96,11 +97,13 @@ def test_matmul_nbits_reference_matches_onnxruntime(bits, k, block):
     blob, scales = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32), bits, block)
     a = rng.standard_normal((5, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    ours = matmul_nbits(a, blob, scales, None, None, bias, K=k, N=n, bits=bits, block_size=block)
-    sess = ort.InferenceSession(_nbits_model(k, n, bits, block, blob, scales, bias), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(ours, sess.run(None, {"a": a})[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ours, a.astype(np.float64) @ reference_dequantize(blob, scales, k, bits).T + bias,
-                               rtol=1e-5, atol=1e-4)
+    ours = matmul_nbits(a, blob, scales, None, None, bias, K=k, N=n, bits=bits, block_size=block,
+                        accuracy_level=accuracy_level)
+    sess = ort.InferenceSession(_nbits_model(k, n, bits, block, blob, scales, bias, accuracy_level),
+                                providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(ours, sess.run(None, {"a": a})[0], rtol=1e-5, atol=1e-4)
+    x = reference_int8_activations(a, block) if accuracy_level == 4 else a.astype(np.float64)
+    np.testing.assert_allclose(ours, x @ reference_dequantize(blob, scales, k, bits).T + bias, rtol=1e-5, atol=1e-4)
 
 
 def test_matmul_nbits_reference_rejects_bad_inputs():
@@ -118,14 +121,37 @@ def test_matmul_nbits_reference_rejects_bad_inputs():
         matmul_nbits(a, blob, scales, np.zeros(4, np.uint8), K=32, N=4, bits=4, block_size=32)
 
 
+def reference_int8_activations(x: np.ndarray, block: int) -> np.ndarray:
+    """MatMulNBits accuracy_level 4's view of its input: per block of K, step max|x|/127, nearest int8."""
+    out = np.zeros_like(x, np.float64)
+    for s in range(0, x.shape[-1], block):
+        blk = x[..., s:s + block].astype(np.float64)
+        step = np.abs(blk).max(axis=-1, keepdims=True) / 127
+        out[..., s:s + block] = np.round(blk / np.where(step > 0, step, 1)) * step
+    return out
+
+
+def _int8_inputs(block: int):
+    def hook(module, args):
+        return (torch.from_numpy(reference_int8_activations(args[0].numpy(), block).astype(np.float32)),)
+    return hook
+
+
 def _with_weights(model, names: dict[str, int], block: int):
-    """A copy of `model` whose named weights are replaced by the reference quantization (bits each)."""
+    """A copy of `model` whose named weights are replaced by the reference quantization (bits each) and
+    whose MatMulNBits products (linears with such weights; the tied head, after ln_f) see int8 inputs."""
     ref = copy.deepcopy(model)
     params = dict(ref.named_parameters())
+    modules = dict(ref.named_modules())
     with torch.no_grad():
         for name, bits in names.items():
             w = params[name].numpy()
             params[name].copy_(torch.from_numpy(reference_quantized(w, bits, block).astype(np.float32)))
+            owner = modules[name.rsplit(".", 1)[0]]
+            if isinstance(owner, torch.nn.Linear):
+                owner.register_forward_pre_hook(_int8_inputs(block))
+    if "tok_emb.weight" in names:  # ln_f's output feeds only the head
+        ref.ln_f.register_forward_hook(lambda m, args, out: _int8_inputs(block)(m, (out,))[0])
     return ref
 
 

@@ -3,6 +3,9 @@
 MatMulNBits: Y = A · dequant(B)ᵀ with B [N, k_blocks, blob_size] uint8 holding `bits`-bit
 codes blockwise along K (4 bits: element 2i in the low nibble, 2i+1 in the high one), one
 float scale per (row, block) and, with no zero_points input, the zero point 2^(bits-1).
+accuracy_level 4 (what bmoe writes: ORT's fast CPU path, and its only fast one for 8 bits) quantizes A
+too, per block of block_size along K: int8, step max|a|/127, round to nearest; other levels compute in
+fp32 on CPU.
 This is the subset bmoe writes (exporters/compress.py); anything else is rejected with an
 OpError rather than computed wrongly. Checked against ONNX Runtime in tests/test_compress.py.
 """
@@ -32,6 +35,18 @@ def dequantize_nbits(b: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np
     return w.reshape(n, -1)[:, :k]
 
 
+def quantize_activations(a: np.ndarray, block_size: int) -> np.ndarray:
+    """A [..., K] as accuracy_level 4 sees it: int8 codes per block of K, dequantized back to float32."""
+    k = a.shape[-1]
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((*a.shape[:-1], k_blocks * block_size), np.float32)
+    padded[..., :k] = a
+    blocks = padded.reshape(*a.shape[:-1], k_blocks, block_size)
+    step = np.abs(blocks).max(axis=-1, keepdims=True) / 127
+    q = np.rint(blocks / np.where(step > 0, step, 1))
+    return (q * step).astype(np.float32).reshape(padded.shape)[..., :k]
+
+
 def matmul_nbits(a: np.ndarray, b: np.ndarray, scales: np.ndarray, zero_points=None, g_idx=None, bias=None, *,
                  K: int, N: int, bits: int = 4, block_size: int, accuracy_level: int = 0) -> np.ndarray:  # noqa: N803
     if zero_points is not None or g_idx is not None:
@@ -52,5 +67,7 @@ def matmul_nbits(a: np.ndarray, b: np.ndarray, scales: np.ndarray, zero_points=N
         raise OpError(f"MatMulNBits: scales must be float32 with {N * k_blocks} values, got {scales.dtype} {scales.shape}")
     if bias is not None and (bias.dtype != np.float32 or bias.shape != (N,)):
         raise OpError(f"MatMulNBits: bias must be float32 [{N}], got {bias.dtype} {bias.shape}")
+    if accuracy_level == 4:
+        a = quantize_activations(a, block_size)
     y = a @ dequantize_nbits(b, scales, K, bits).T
     return y if bias is None else y + bias
