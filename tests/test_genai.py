@@ -203,6 +203,13 @@ def test_genai_config_session_options_that_bmoe_run_refuses(d, key, value):
     one_line_error(d, "which bmoe-run does not accept")
 
 
+def test_tokenizer_config_that_changes_tokenization_is_refused(d):
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    replace_file(d / "tokenizer_config.json", json.dumps({**tc, "add_bos_token": True}).encode())
+    resign(d)
+    one_line_error(d, "tokenizer_config.json is not the one bmoe wrote: tokenizer_config.add_bos_token is true")
+
+
 def test_tokenizer_of_another_vocabulary_size_is_refused(d, bpe_export):
     replace_file(d / "tokenizer.json", (bpe_export / "tokenizer.json").read_bytes())  # 300 tokens, model 256
     resign(d)

@@ -81,8 +81,9 @@ def has_genai_files(manifest: dict) -> bool:
 
 
 def check_genai_files(model_dir: str | Path, manifest: dict, eos_id: int) -> dict:
-    """genai_config.json (and tokenizer_config.json), sha256-checked, matching the manifest's model:
-    returns the GenAI config, or raises one BmoeError naming the first mismatch."""
+    """genai_config.json and tokenizer_config.json, sha256-checked, matching the manifest's model (keys
+    bmoe did not write are allowed): returns the GenAI config, or raises one BmoeError naming the first
+    mismatch."""
     for name in (GENAI_CONFIG, TOKENIZER_CONFIG):
         if name not in manifest["files"]:
             raise BmoeError(f"{model_dir}: no {name} in the export (manifest.json does not list it); "
@@ -101,8 +102,9 @@ def check_genai_files(model_dir: str | Path, manifest: dict, eos_id: int) -> dic
                       f"{manifest['config']['max_seq']} (or not a count)"
     if problem:
         raise BmoeError(f"{model_dir}: {GENAI_CONFIG} does not match manifest.json: {problem}")
-    if not isinstance(configs[TOKENIZER_CONFIG], dict):
-        raise BmoeError(f"{model_dir}: {TOKENIZER_CONFIG} is not a JSON object")
+    problem = _first_difference(tokenizer_config(manifest["config"]), configs[TOKENIZER_CONFIG], "tokenizer_config")
+    if problem:
+        raise BmoeError(f"{model_dir}: {TOKENIZER_CONFIG} is not the one bmoe wrote: {problem}")
     return got
 
 

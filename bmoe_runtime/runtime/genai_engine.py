@@ -30,6 +30,7 @@ from bmoe_runtime.format.manifest import read_manifest
 from bmoe_runtime.format.tokenizer import load_tokenizer
 from bmoe_runtime.runtime.generate import GenerationStats, Sampling, plan_length
 
+PROBE = "ROMEO: héllo\n\tworld 日本 "  # text both tokenizers must encode alike
 # Files GenAI's tokenizer would read if present: an export lists the ones it has, and no other may be there.
 GENAI_READS = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                "chat_template.jinja", "generation_config.json")
@@ -123,8 +124,11 @@ class GenAIGenerator:
             og_config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
             self.model = og.Model(og_config)
             self.tokenizer = GenAITokenizer(og.Tokenizer(self.model), self.cfg["vocab_size"])
+            agree = self.tokenizer.encode(PROBE) == bmoe_tokenizer.encode(PROBE)
         except Exception as exc:  # GenAI reports everything as RuntimeError
             raise BmoeError(f"ONNX Runtime GenAI cannot load {self.dir}: {_first_line(exc)}") from None
+        if not agree:  # e.g. a tokenizer_config.json that adds tokens: GenAI would not generate what bmoe runs
+            raise BmoeError(f"{self.dir}: GenAI's tokenizer and bmoe's read tokenizer.json differently")
 
     def _check_session_options(self, config: dict) -> None:
         opts = config["model"]["decoder"].get("session_options", {})
@@ -164,7 +168,8 @@ class GenAIGenerator:
         search = {"max_length": length, "min_length": length if eos == "suppress" else 0,
                   "do_sample": not sampling.greedy, "temperature": float(temperature) if temperature else 1.0,
                   "top_k": sampling.top_k, "top_p": float(sampling.top_p),
-                  "repetition_penalty": float(sampling.repetition_penalty), "random_seed": seed}
+                  "repetition_penalty": float(sampling.repetition_penalty), "random_seed": seed,
+                  "num_beams": 1, "num_return_sequences": 1}  # whatever the config's defaults say
         try:
             params = self._og.GeneratorParams(self.model)
             params.set_search_options(**search)
