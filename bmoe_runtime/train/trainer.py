@@ -218,7 +218,8 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
 
     net = LossOf(model)
     if ranks.world > 1:
-        net = DistributedDataParallel(net, device_ids=[ranks.local] if device.startswith("cuda") else None)
+        net = DistributedDataParallel(net, device_ids=[ranks.local] if device.startswith("cuda") else None,
+                                      gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.variant}/{cfg.expert_form} N={cfg.n_experts} d={cfg.d_model} d_ff={cfg.d_ff} L={cfg.n_layers}: "
         f"{n_params / 1e6:.2f}M params; {len(splits['train']):,} train tokens ({tok.to_dict()['kind']})"
