@@ -186,13 +186,15 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, top_k, top_
                "eos": "suppress" if ignore_eos else "stop", "max_context": max_context or gen.cfg["max_seq"]}
     tokens = gen.tokens(gen.tokenizer.encode(prompt), n_new, temperature, seed, stats, **options)  # refuses bad settings now
     sys.stdout.write(prompt)  # only once the run is known to be valid
-    shown = ""
+    shown = text = ""
     for _ in tokens:
         text = gen.tokenizer.decode(stats.tokens)
-        sys.stdout.write(text[len(shown):])  # a byte token may complete a character only later
+        stable = text.rstrip("\ufffd")  # a byte token may complete a character only later: hold it back
+        sys.stdout.write(stable[len(shown):])
         sys.stdout.flush()
-        shown = text
-    sys.stdout.write("\n")
+        shown = stable
+    sys.stdout.write(text[len(shown):] + "\n")
+    shown = text
     if stats.stop_reason == "context":
         click.echo(f"[bmoe] stopped at the context limit: {options['max_context']} positions "
                    f"({stats.prompt_tokens} prompt + {stats.new_tokens} new)", err=True)
