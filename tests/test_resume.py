@@ -113,3 +113,18 @@ def test_cli_stop_at_and_resume(runs, corpus, tmp_path):
     assert a["metrics"]["train_curve"] == b["metrics"]["train_curve"]
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_resume_on_another_corpus_says_so(runs, corpus, tmp_path):
+    """The train state names its corpus: resuming on other data is allowed (fine-tuning) but never silent."""
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text(encoding="utf-8").replace("Citizen", "Burgher"), encoding="utf-8")
+    part = tmp_path / "part.pt"
+    torch.save(runs["mid"], part)
+    logs = []
+    train(str(other), str(part), resume=True, **{**quiet(), "log": logs.append})
+    assert any("--data is not the corpus" in line for line in logs), logs
+    logs.clear()
+    torch.save(runs["mid"], part)
+    train(str(corpus), str(part), resume=True, **{**quiet(), "log": logs.append})
+    assert not any("--data is not the corpus" in line for line in logs), logs

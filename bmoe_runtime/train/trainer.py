@@ -211,6 +211,10 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         opt.load_state_dict(state["optimizer"])
         step, history, curve = state["step"], list(state["history"]), list(state.get("train_curve", []))
         _restore_rng(state, tc, step, device, ranks, log)
+        corpus_sha = state.get("data_stream", {}).get("corpus_sha256")
+        if corpus_sha and corpus_sha != shards.meta["corpus"]["sha256"]:
+            log(f"--data is not the corpus {out} was trained on (its files or split differ): the run continues on "
+                "this one")
         if state.get("data_stream", {}).get("sampler") != SAMPLER:  # an older bmoe's checkpoint
             log(f"{out} was written with another data sampler: the rest of the run draws other windows than it would "
                 "have")
@@ -228,7 +232,8 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
     def checkpoint(metrics: dict, rngs: list[dict]) -> None:
         save_checkpoint(out, model, tok, metrics, train_state={
             "step": step, "train_config": asdict(tc), "optimizer": opt.state_dict(), "history": history,
-            "train_curve": curve, "data_stream": {"sampler": SAMPLER, "seed": tc.seed, "next_step": step},
+            "train_curve": curve, "data_stream": {"sampler": SAMPLER, "seed": tc.seed, "next_step": step,
+                                                  "corpus_sha256": shards.meta["corpus"]["sha256"]},
             "rng": {"world": ranks.world, "cpu": [r["cpu"] for r in rngs], "cuda": [r["cuda"] for r in rngs]}})
 
     def run_eval(split: str, max_tokens: int | None) -> dict:
