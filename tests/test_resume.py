@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 import bmoe_runtime.train.trainer as train_mod
 from bmoe_runtime.cli import train_cli
+from bmoe_runtime.errors import CheckpointError
 from bmoe_runtime.train.checkpoint import content_sha256, read_checkpoint, save_checkpoint
 from bmoe_runtime.train.trainer import train
 
@@ -128,3 +129,13 @@ def test_resume_on_another_corpus_says_so(runs, corpus, tmp_path):
     torch.save(runs["mid"], part)
     train(str(corpus), str(part), resume=True, **{**quiet(), "log": logs.append})
     assert not any("--data is not the corpus" in line for line in logs), logs
+
+
+def test_unusable_rng_state_is_one_error(runs, corpus, tmp_path):
+    ckpt = runs["mid"]
+    bad = {**ckpt, "train_state": dict(ckpt["train_state"], rng={"world": 1, "cpu": [torch.zeros(3, dtype=torch.uint8)],
+                                                                  "cuda": [None]})}
+    path = tmp_path / "bad.pt"
+    torch.save({**bad, "checksum": {"sha256": content_sha256(bad)}}, path)
+    with pytest.raises(CheckpointError, match="unusable RNG state"):
+        train(str(corpus), str(path), resume=True, **quiet())

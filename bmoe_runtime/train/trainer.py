@@ -329,6 +329,10 @@ def _restore_rng(state: dict, tc: TrainConfig, step: int, device: str, ranks: Ra
         log(f"saved on {rng['world']} ranks, resumed on {ranks.world}: router noise re-seeded (the run continues "
             "exactly from the saved weights, optimizer and data position, not bit-exactly as before)")
         return
-    torch.set_rng_state(rng["cpu"][ranks.rank])
-    if device.startswith("cuda") and rng["cuda"][ranks.rank] is not None:
-        torch.cuda.set_rng_state(rng["cuda"][ranks.rank], device)
+    try:
+        torch.set_rng_state(rng["cpu"][ranks.rank])
+        if device.startswith("cuda") and rng["cuda"][ranks.rank] is not None:
+            torch.cuda.set_rng_state(rng["cuda"][ranks.rank], device)
+    except (IndexError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"the saved training state has an unusable RNG state ({type(exc).__name__}); "
+                              "it cannot be resumed exactly") from None
