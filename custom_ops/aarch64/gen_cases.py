@@ -215,6 +215,16 @@ def error_cases(w: Writer):
     op_case(w, "err_tmm_truncated_rows", "TernaryMatMul", {"A": a, "W": wp[:3].copy(), "s": s},
             expect_error="input scale must have shape [N] = [3]", K=10)
 
+    # attributes of the wrong type or out of range (docs/ops.md): errors, never defaults or overflow
+    op_case(w, "err_tmm_packing_int", "TernaryMatMul", {"A": a, "W": wp, "s": s},
+            expect_error="TernaryMatMul: attribute packing must be a string, got an int (3)", K=10, packing=3)
+    op_case(w, "err_tmm_k_float", "TernaryMatMul", {"A": a, "W": wp, "s": s},
+            expect_error="TernaryMatMul: attribute K must be an int, got a float (10.0)", K=10.0)
+    op_case(w, "err_tmm_k_int64_max", "TernaryMatMul", {"A": a, "W": wp, "s": s},
+            expect_error="TernaryMatMul: attribute K must be in [1, 16777216], got 9223372036854775807", K=2**63 - 1)
+    op_case(w, "err_br_transpose_float", "ButterflyRotate", {"X": x, "angles": angles[:1]},
+            expect_error="ButterflyRotate: attribute transpose must be an int, got a float (1.0)", transpose=1.0)
+
     # invalid trit codes, at several places of a row, through every kernel path
     for k, m in ((10, 3), (300, 5), (1000, 2), (10, 0)):
         for where in ("first", "middle", "pad"):
