@@ -89,20 +89,29 @@ def _backward_stage(z, g, ang_ptr, gang_ptr, s: tl.constexpr, D, BM: tl.constexp
 
 
 @triton.jit
-def _tile(order_ptr, tile_expert_ptr, tile_start_ptr, tile_rows_ptr, BM: tl.constexpr):
+def _tile(order_ptr, counts_ptr, E, BM: tl.constexpr, E_PAD: tl.constexpr):
+    """Tile t = program_id: the t-th run of ≤ BM rows when each expert's rows are cut into tiles
+    (experts in order). Returns (rows in tile, expert, row ids, row mask); past the last tile, 0 rows."""
     t = tl.program_id(0)
-    n = tl.load(tile_rows_ptr + t)
-    e = tl.load(tile_expert_ptr + t).to(tl.int64)
+    e_ids = tl.arange(0, E_PAD)
+    count = tl.load(counts_ptr + e_ids, mask=e_ids < E, other=0)
+    tiles = (count + BM - 1) // BM
+    tile_end = tl.cumsum(tiles, 0)
+    e = tl.sum((tile_end <= t).to(tl.int32))  # this tile's expert (E when past the last tile)
+    mine = e_ids == e
+    local = t - tl.sum(tl.where(mine, tile_end - tiles, 0))  # tile number inside the expert's run
+    row0 = tl.sum(tl.where(mine, tl.cumsum(count, 0) - count, 0)) + local * BM
+    n = tl.minimum(tl.sum(tl.where(mine, count, 0)) - local * BM, BM)
     m = tl.arange(0, BM)
     valid = m < n
-    rows = tl.load(order_ptr + tl.load(tile_start_ptr + t) + m, mask=valid, other=0).to(tl.int64)
-    return n, e, rows, valid
+    rows = tl.load(order_ptr + row0 + m, mask=valid, other=0).to(tl.int64)
+    return n, e.to(tl.int64), rows, valid
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, y_ptr, ang_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_rows_ptr, D,
-                BM: tl.constexpr, P: tl.constexpr, S: tl.constexpr, TRANSPOSE: tl.constexpr):
-    n, e, rows, valid = _tile(order_ptr, tile_expert_ptr, tile_start_ptr, tile_rows_ptr, BM)
+def _fwd_kernel(x_ptr, y_ptr, ang_ptr, order_ptr, counts_ptr, E, D, BM: tl.constexpr, E_PAD: tl.constexpr,
+                P: tl.constexpr, S: tl.constexpr, TRANSPOSE: tl.constexpr):
+    n, e, rows, valid = _tile(order_ptr, counts_ptr, E, BM, E_PAD)
     if n > 0:
         col = tl.arange(0, P)
         offs = rows[:, None] * D + col[None, :]
@@ -113,9 +122,9 @@ def _fwd_kernel(x_ptr, y_ptr, ang_ptr, order_ptr, tile_expert_ptr, tile_start_pt
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, gy_ptr, gx_ptr, ang_ptr, gang_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_rows_ptr,
-                D, BM: tl.constexpr, P: tl.constexpr, S: tl.constexpr, TRANSPOSE: tl.constexpr):
-    n, e, rows, valid = _tile(order_ptr, tile_expert_ptr, tile_start_ptr, tile_rows_ptr, BM)
+def _bwd_kernel(x_ptr, gy_ptr, gx_ptr, ang_ptr, gang_ptr, order_ptr, counts_ptr, E, D, BM: tl.constexpr,
+                E_PAD: tl.constexpr, P: tl.constexpr, S: tl.constexpr, TRANSPOSE: tl.constexpr):
+    n, e, rows, valid = _tile(order_ptr, counts_ptr, E, BM, E_PAD)
     if n > 0:
         col = tl.arange(0, P)
         offs = rows[:, None] * D + col[None, :]
@@ -133,61 +142,64 @@ def _bwd_kernel(x_ptr, gy_ptr, gx_ptr, ang_ptr, gang_ptr, order_ptr, tile_expert
         tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_rows(p: int, budget: int) -> int:
-    """Rows per tile: about `budget` fp32 values of a tile live at once (no register spills)."""
-    return max(1, min(64, budget // p))
-
-
-def _num_warps(bm: int, p: int) -> int:
-    return 8 if bm * p >= 8192 else 4
-
-
-FWD_BUDGET, BWD_BUDGET = 8192, 4096
+def tile_shape(p: int, backward: bool) -> tuple[int, int]:
+    """(rows per tile, warps): a tile of rows × P values sized by a sweep on an H200 (benchmarks/butterfly_kernel.py,
+    8192 rows, 64 experts): large P wants big tiles (fewer cos/sin evaluations and angle atomics per row),
+    small P small ones (more programs in flight)."""
+    if p >= 2048:
+        values = 16384
+    elif p >= 1024:
+        values = 8192 if not backward else 4096
+    else:
+        values = 4096 if not backward else 2048
+    return max(1, min(64, values // p)), 16 if values >= 16384 else 8
 
 
 class RowGroups:
-    """Rows of a batch grouped by expert, computed on the GPU without host synchronisation.
-
-    order lists the rows expert by expert; tiles(bm) cuts each expert's run into tiles of at
-    most bm rows. The grid is the static bound ceil(M/bm) + E; tiles past the real ones have 0 rows.
-    """
+    """Rows of a batch grouped by expert on the GPU (no host synchronisation): `order` lists the rows
+    expert by expert, `counts` the rows of each expert. The kernels cut each expert's run into tiles
+    themselves; the grid is the static bound ceil(M/BM) + E, tiles past the real ones have no rows."""
 
     def __init__(self, expert_index: torch.Tensor | None, n_rows: int, n_experts: int, device: torch.device):
-        self.n_rows, self.n_experts = n_rows, n_experts
+        self.n_rows, self.n_experts = n_rows, (1 if expert_index is None else n_experts)
         if expert_index is None:
             self.order = torch.arange(n_rows, device=device, dtype=torch.int32)
-            self.counts = torch.full((1,), n_rows, device=device, dtype=torch.int64)
+            self.counts = torch.full((1,), n_rows, device=device, dtype=torch.int32)
         else:
             self.order = torch.argsort(expert_index, stable=True).to(torch.int32)
-            self.counts = torch.zeros(n_experts, device=device, dtype=torch.int64).scatter_add_(
-                0, expert_index, torch.ones_like(expert_index))
-        self._tiles: dict[int, tuple[torch.Tensor, ...]] = {}
+            self.counts = torch.zeros(n_experts, device=device, dtype=torch.int32).scatter_add_(
+                0, expert_index, torch.ones_like(expert_index, dtype=torch.int32))
 
-    def tiles(self, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if bm not in self._tiles:
-            counts = self.counts
-            per_expert = (counts + bm - 1) // bm
-            tile_end = torch.cumsum(per_expert, 0)
-            row_start = torch.cumsum(counts, 0) - counts
-            t = torch.arange((self.n_rows + bm - 1) // bm + counts.numel(), device=counts.device)
-            expert = torch.searchsorted(tile_end, t, right=True).clamp_(max=counts.numel() - 1)
-            local = t - (tile_end[expert] - per_expert[expert])
-            rows = (counts[expert] - local * bm).clamp(0, bm)
-            self._tiles[bm] = (expert.to(torch.int32), (row_start[expert] + local * bm).to(torch.int32),
-                               rows.to(torch.int32))
-        return self._tiles[bm]
+    def launch_args(self, bm: int) -> tuple[tuple[int], dict]:
+        grid = ((self.n_rows + bm - 1) // bm + self.n_experts,)
+        return grid, {"BM": bm, "E_PAD": max(16, triton.next_power_of_2(self.n_experts))}
 
 
-def _launch_fwd(x, angles, groups, transpose, out_dtype):
+def launch_forward(x, angles, groups: RowGroups, transpose: bool, out_dtype, bm: int | None = None,
+                   num_warps: int | None = None) -> torch.Tensor:
     m, d = x.shape
     p, s = padded_size(d), n_stages(d)
-    bm = _block_rows(p, FWD_BUDGET)
-    expert, start, rows = groups.tiles(bm)
+    bm0, warps0 = tile_shape(p, backward=False)
+    grid, meta = groups.launch_args(bm or bm0)
     y = torch.empty((m, d), device=x.device, dtype=out_dtype)
     if m:
-        _fwd_kernel[(expert.numel(),)](x, y, angles, groups.order, expert, start, rows, d,
-                                       BM=bm, P=p, S=s, TRANSPOSE=transpose, num_warps=_num_warps(bm, p))
+        _fwd_kernel[grid](x, y, angles, groups.order, groups.counts, groups.n_experts, d, P=p, S=s,
+                          TRANSPOSE=transpose, num_warps=num_warps or warps0, **meta)
     return y
+
+
+def launch_backward(x, angles, gy, groups: RowGroups, transpose: bool, bm: int | None = None,
+                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    m, d = x.shape
+    p, s = padded_size(d), n_stages(d)
+    bm0, warps0 = tile_shape(p, backward=True)
+    grid, meta = groups.launch_args(bm or bm0)
+    gx = torch.empty_like(x)
+    gang = torch.zeros(angles.shape, device=x.device, dtype=torch.float32)
+    if m:
+        _bwd_kernel[grid](x, gy, gx, angles, gang, groups.order, groups.counts, groups.n_experts, d, P=p, S=s,
+                          TRANSPOSE=transpose, num_warps=num_warps or warps0, **meta)
+    return gx, gang
 
 
 class _ButterflyRotate(torch.autograd.Function):
@@ -196,20 +208,12 @@ class _ButterflyRotate(torch.autograd.Function):
         x, angles = x.contiguous(), angles.contiguous()
         ctx.save_for_backward(x, angles)
         ctx.groups, ctx.transpose = groups, transpose
-        return _launch_fwd(x, angles, groups, transpose, torch.promote_types(x.dtype, angles.dtype))
+        return launch_forward(x, angles, groups, transpose, torch.promote_types(x.dtype, angles.dtype))
 
     @staticmethod
     def backward(ctx, gy):
         x, angles = ctx.saved_tensors
-        m, d = x.shape
-        p, s = padded_size(d), n_stages(d)
-        bm = _block_rows(p, BWD_BUDGET)
-        expert, start, rows = ctx.groups.tiles(bm)
-        gx = torch.empty_like(x)
-        gang = torch.zeros(angles.shape, device=x.device, dtype=torch.float32)
-        if m:
-            _bwd_kernel[(expert.numel(),)](x, gy.contiguous(), gx, angles, gang, ctx.groups.order, expert, start, rows,
-                                           d, BM=bm, P=p, S=s, TRANSPOSE=ctx.transpose, num_warps=_num_warps(bm, p))
+        gx, gang = launch_backward(x, angles, gy.contiguous(), ctx.groups, ctx.transpose)
         return gx, gang.to(angles.dtype), None, None
 
 
