@@ -3,8 +3,11 @@ bmoe-run through ONNX Runtime GenAI, bmoe-run's own Python loop (both on ORT + l
 native C example (examples/c: ORT's C API, no Python). Greedy, one intra-op thread, the variants
 interleaved run by run so that machine load hits them alike; medians with min–max.
 
-bmoe-run reports its own decode tok/s (first token excluded) and VmHWM. The C example prints VmHWM but
-no timing, so its decode rate is (N_long − N_short) / (wall(N_long) − wall(N_short)) of two runs.
+Decode rate (first token excluded) two ways: tokens per CPU-second (user + system time of the process —
+the work, little moved by other processes on a busy machine) and tokens per wall-second. bmoe-run reports
+both for its decode steps. The C example reports neither, so its rates come from two runs of N and 8 new
+tokens: (N − 8) / (time(N) − time(8)), start-up and prefill cancelling out. Peak RSS: VmHWM (bmoe-run's
+report, the example's own line).
 
     python benchmarks/bench_engines.py [--runs 5] [-n 200] [--model DIR]   # writes runs/bench/engines.json
 """
@@ -16,6 +19,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,6 +34,7 @@ from bmoe_runtime.backends import native, ort_ops
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROMPT, SHORT = "ROMEO:", 8
+KEYS = ("tok_per_cpu_s", "tok_per_wall_s", "peak_rss_mib")
 
 
 def build_example(out: Path) -> Path:
@@ -43,26 +48,37 @@ def build_example(out: Path) -> Path:
     return out / "bmoe_generate"
 
 
+def timed(cmd: list) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Wall seconds, the child's CPU seconds (user + system), and its result."""
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), r
+
+
+def measure(cmd_for, n: int, peak_and_text) -> dict:
+    """cmd_for(k): the command generating k tokens; peak_and_text(result): (peak RSS MiB, generated text)."""
+    wall_s, cpu_s, _ = timed(cmd_for(SHORT))
+    wall_l, cpu_l, r = timed(cmd_for(n))
+    peak, text = peak_and_text(r)
+    return {"tok_per_cpu_s": (n - SHORT) / (cpu_l - cpu_s), "tok_per_wall_s": (n - SHORT) / (wall_l - wall_s),
+            "peak_rss_mib": peak, "text": text}
+
+
 def bmoe_run(engine: str, model: Path, n: int, report: Path) -> dict:
     r = subprocess.run([BIN / "bmoe-run", str(model), "--engine", engine, "--threads", "1", "--temperature", "0",
                         "-n", str(n), "--json", str(report)], capture_output=True, text=True, check=True)
     rep = json.loads(report.read_text())
-    return {"tok_s": rep["decode_tokens_per_s"], "peak_rss_mib": rep["memory"]["peak_rss_bytes"] / 2**20,
-            "text": r.stdout.rstrip("\n")}
+    return {"tok_per_cpu_s": rep["decode_tokens_per_cpu_s"], "tok_per_wall_s": rep["decode_tokens_per_s"],
+            "peak_rss_mib": rep["memory"]["peak_rss_bytes"] / 2**20, "text": r.stdout.rstrip("\n")}
 
 
 def c_example(exe: Path, model: Path, n: int) -> dict:
-    def once(k: int) -> tuple[float, subprocess.CompletedProcess]:
-        t0 = time.perf_counter()
-        r = subprocess.run([exe, str(model), str(ort_ops.library_path()), PROMPT, str(k), "1"], capture_output=True,
-                           text=True, check=True)
-        return time.perf_counter() - t0, r
+    def cmd(k: int) -> list:
+        return [exe, str(model), str(ort_ops.library_path()), PROMPT, str(k), "1"]
 
-    t_short, _ = once(SHORT)
-    t_long, r = once(n)
-    return {"tok_s": (n - SHORT) / (t_long - t_short),
-            "peak_rss_mib": float(re.search(r"peak RSS ([\d.]+) MiB", r.stderr).group(1)),
-            "text": re.search(r"^text: (.*)\Z", r.stdout, re.S | re.M).group(1).rstrip("\n")}
+    return measure(cmd, n, lambda r: (float(re.search(r"peak RSS ([\d.]+) MiB", r.stderr).group(1)),
+                                      re.search(r"^text: (.*)\Z", r.stdout, re.S | re.M).group(1).rstrip("\n")))
 
 
 def main() -> None:
@@ -90,18 +106,18 @@ def main() -> None:
     if len(texts) != 1:
         sys.exit(f"the variants generated different texts: {texts}")
     summary = {name: {key: {"median": statistics.median(r[key] for r in rs), "min": min(r[key] for r in rs),
-                            "max": max(r[key] for r in rs)} for key in ("tok_s", "peak_rss_mib")}
+                            "max": max(r[key] for r in rs)} for key in KEYS}
                for name, rs in results.items()}
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "loadavg_1min_before_after": [load_before[0], load_after[0]], "python": platform.python_version()}
     print(f"{args.model}, greedy, {args.n} new tokens, 1 thread, {args.runs} runs interleaved; "
           f"load average {load_before[0]:.1f} → {load_after[0]:.1f} on {machine['cores']} cores")
-    print("| engine | decode tok/s, median (min–max) | peak RSS MiB, median (min–max) |")
-    print("|---|---|---|")
-    for name, s in summary.items():
-        t, m = s["tok_s"], s["peak_rss_mib"]
-        print(f"| {name} | {t['median']:.0f} ({t['min']:.0f}–{t['max']:.0f}) | "
-              f"{m['median']:.1f} ({m['min']:.1f}–{m['max']:.1f}) |")
+    print("| engine | decode tok per CPU-second | decode tok per wall-second | peak RSS MiB |")
+    print("|---|---|---|---|")
+    for name, st in summary.items():
+        cells = [f"{st[k]['median']:.{d}f} ({st[k]['min']:.{d}f}–{st[k]['max']:.{d}f})"
+                 for k, d in zip(KEYS, (0, 0, 1))]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": str(args.model), "new_tokens": args.n, "threads": 1, "runs": args.runs,
                                     "machine": machine, "summary": summary, "results": results}, indent=1))

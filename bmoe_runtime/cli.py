@@ -203,7 +203,8 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, top_k, top_
     report = {"model": str(model_dir), "backend": backend, "engine": engine, "threads": threads,
               "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "stop_reason": stats.stop_reason,
               "sampling": {"temperature": temperature, "seed": seed, **options},
-              "time_to_first_token_s": stats.first_token_s, "decode_tokens_per_s": stats.decode_tok_s, "text": shown}
+              "time_to_first_token_s": stats.first_token_s, "decode_tokens_per_s": stats.decode_tok_s,
+              "decode_tokens_per_cpu_s": stats.decode_tok_per_cpu_s, "text": shown}
     click.echo(f"[bmoe] first token {stats.first_token_s * 1000:.1f} ms, decode {stats.decode_tok_s:.1f} tok/s", err=True)
     report["memory"] = ram.measure()
     if plan:

@@ -17,7 +17,6 @@ import ctypes
 import importlib.util
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,22 +180,16 @@ class GenAIGenerator:
     def _tokens(self, generator, prompt_ids: list[int], n_new: int, cut: bool, eos: str,
                 stats: GenerationStats | None) -> Iterator[int]:
         stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = len(prompt_ids)
-        t0 = time.perf_counter()
+        stats.start(len(prompt_ids))
         try:
             generator.append_tokens(np.asarray(prompt_ids, np.int32))  # the prefill
             for i in range(n_new):
                 generator.generate_next_token()
                 nxt = int(generator.get_next_tokens()[0])
-                now = time.perf_counter()
-                if i == 0:
-                    stats.first_token_s = now - t0
-                    t_decode = now
                 if eos == "stop" and nxt == self.eos_id:
                     stats.stop_reason = "eos"
                     return
-                stats.new_tokens, stats.decode_s = i + 1, now - t_decode
-                stats.tokens.append(nxt)
+                stats.mark(i, nxt)
                 yield nxt
         except Exception as exc:
             raise BmoeError(f"ONNX Runtime GenAI: {_first_line(exc)}") from None

@@ -87,12 +87,32 @@ class GenerationStats:
     new_tokens: int = 0
     first_token_s: float = 0.0
     decode_s: float = 0.0
+    decode_cpu_s: float = 0.0  # this process's CPU time over the same span (all threads): the work, not the wait
     tokens: list[int] = field(default_factory=list)
     stop_reason: str = ""  # "length" (n_new tokens), "eos", or "context" (max_context reached)
+    _t0: float = field(default=0.0, repr=False)  # clocks at the start and at the first token
+    _t_decode: float = field(default=0.0, repr=False)
+    _cpu_decode: float = field(default=0.0, repr=False)
 
     @property
     def decode_tok_s(self) -> float:
         return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    @property
+    def decode_tok_per_cpu_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_cpu_s if self.new_tokens > 1 and self.decode_cpu_s > 0 else 0.0
+
+    def mark(self, i: int, token: int) -> None:
+        """Token i (0-based) was chosen now: the first ends time-to-first-token, later ones extend decode."""
+        now, cpu = time.perf_counter(), time.process_time()
+        if i == 0:
+            self.first_token_s = now - self._t0
+            self._t_decode, self._cpu_decode = now, cpu
+        self.new_tokens, self.decode_s, self.decode_cpu_s = i + 1, now - self._t_decode, cpu - self._cpu_decode
+        self.tokens.append(token)
+
+    def start(self, prompt_tokens: int) -> None:
+        self.prompt_tokens, self._t0 = prompt_tokens, time.perf_counter()
 
 
 def plan_length(prompt_ids: list[int], n_new: int, vocab_size: int, max_seq: int,
@@ -166,22 +186,16 @@ class Generator:
                 stats: GenerationStats | None) -> Iterator[int]:
         rng = np.random.default_rng(sampling.seed)
         stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = len(prompt_ids)
+        stats.start(len(prompt_ids))
         sequence = list(prompt_ids)
-        t0 = time.perf_counter()
         logits, past = self.step(np.asarray([prompt_ids], np.int64), self.empty_cache())
         for i in range(n_new):
             nxt = sampling.next_token(logits[0, -1], sequence, self.eos_id, rng)
-            now = time.perf_counter()
-            if i == 0:
-                stats.first_token_s = now - t0
-                t_decode = now
             if sampling.eos == "stop" and nxt == self.eos_id:
                 stats.stop_reason = "eos"
                 return
             sequence.append(nxt)
-            stats.new_tokens, stats.decode_s = i + 1, now - t_decode
-            stats.tokens.append(nxt)
+            stats.mark(i, nxt)
             yield nxt
             if i + 1 < n_new:
                 logits, past = self.step(np.asarray([[nxt]], np.int64), past)
