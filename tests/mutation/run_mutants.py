@@ -118,6 +118,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per test run (a hang counts as killed)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "mutation" / "results.json")
     ap.add_argument("--update-docs", action="store_true", help="rewrite the generated table in docs/testing.md")
+    ap.add_argument("--with-ort", action="store_true",
+                    help="also run the ORT cases with the installed libbmoe_ops.so (built from whatever the checkout "
+                         "held at install time, so it may not match the copied tree); by default they are left out")
     a = ap.parse_args()
     mutants = tomllib.loads(MUTANTS.read_text(encoding="utf-8"))["mutant"]
     if a.only:
@@ -128,6 +131,7 @@ def main() -> int:
         mutants = [m for m in mutants if m["name"] in wanted]
     source = "working tree" if a.worktree else "git HEAD " + subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    source += ", with the installed C++ ops" if a.with_ort else ", Numba backend only"
     results = []
     with tempfile.TemporaryDirectory(prefix="bmoe-mutants-") as tmp:
         tree = Path(tmp) / "tree"
@@ -140,6 +144,9 @@ def main() -> int:
                "NUMBA_CACHE_DIR": str(Path(tmp) / "numba-cache"),
                "PYTHONDONTWRITEBYTECODE": "1"}
         env.pop("BMOE_TEST_THREADS", None)
+        if not a.with_ort:  # the mutants are Python code; the C++ library is tested by its own suite
+            env["BMOE_OPS_LIB"] = str(Path(tmp) / "no-libbmoe_ops.so")
+            env.pop("BMOE_REQUIRE_OPS", None)
         # Baseline: the targeted tests must pass on the unmutated copy, or a "kill" means nothing.
         for tests in dict.fromkeys(tuple(m["tests"]) for m in mutants):
             status, failed, secs = run_tests(tree, list(tests), a.timeout, env)
