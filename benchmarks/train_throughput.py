@@ -197,7 +197,9 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in results:
         base = dense.get("fused" if r["mode"] == "reference" else r["mode"]) or dense.get("fused")
-        ratio = f"{r['step_ms'] / base['step_ms']:.2f}× / {r['peak_gib'] / base['peak_gib']:.2f}×" if base else "–"
+        same_shape = next(s for s in SHAPES if s.name == r["shape"]).d_model == SHAPES[0].d_model
+        ratio = f"{r['step_ms'] / base['step_ms']:.2f}× / {r['peak_gib'] / base['peak_gib']:.2f}×" \
+            if base and same_shape else "–"
         lines.append(f"| {r['shape']} | {r['mode']} | {r['tokens_per_s'] / 1e3:,.0f} k | {r['step_ms']:.2f} "
                      f"[{r['step_ms_q1']:.2f}, {r['step_ms_q3']:.2f}] | {r['peak_gib']:.2f} | {ratio} |")
     return "\n".join(lines)
@@ -214,15 +216,15 @@ def main() -> None:
     ap.add_argument("--valid-steps", type=int, default=300)
     ap.add_argument("--out", default="runs/train_throughput.json")
     ap.add_argument("--update-docs", action="store_true", help=f"rewrite the results block of {DOCS.name}")
-    ap.add_argument("--from", dest="from_file", metavar="RESULTS_JSON",
-                    help="measure nothing: render (and with --update-docs, write) an earlier results file")
+    ap.add_argument("--from", dest="from_files", nargs="+", metavar="RESULTS_JSON",
+                    help="measure nothing: render (and with --update-docs, write) earlier results files as one table")
     args = ap.parse_args()
-    if args.from_file:
-        saved = json.loads(Path(args.from_file).read_text())
-        md = table(saved["results"])
-        print(saved["setup"], md, sep="\n\n")
+    if args.from_files:
+        saved = [json.loads(Path(f).read_text()) for f in args.from_files]
+        md = table([r for s in saved for r in s["results"]])
+        print(saved[0]["setup"], md, sep="\n\n")
         if args.update_docs:
-            update_docs(saved["setup"], md)
+            update_docs(saved[0]["setup"], md)
         return
     if not torch.cuda.is_available():
         sys.exit("train_throughput.py needs a CUDA device")
