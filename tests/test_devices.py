@@ -60,12 +60,14 @@ def test_user_profile_by_path(tmp_path):
 @pytest.mark.parametrize("over, msg", [
     ({"drop": "cores"}, "missing key(s) cores"),
     ({"speed": "3"}, "unknown key(s) speed"),
-    ({"ram_mb": "0"}, "ram_mb must be a number in (0"),
-    ({"ram_mb": "-4"}, "ram_mb must be a number in (0"),
+    ({"ram_mb": "0"}, "ram_mb must be a number in [1,"),
+    ({"ram_mb": "-4"}, "ram_mb must be a number in [1,"),
+    ({"ram_mb": "1e-300"}, "ram_mb must be a number in [1,"),  # was a zero budget: ZeroDivisionError
     ({"ram_mb": "nan"}, "ram_mb must be a number"),
     ({"ram_mb": '"4GB"'}, "ram_mb must be a number"),
-    ({"reserved_fraction": "1.0"}, "reserved_fraction must be a number in [0, 1)"),
-    ({"reserved_fraction": "-0.1"}, "reserved_fraction must be a number in [0, 1)"),
+    ({"reserved_fraction": "1.0"}, "reserved_fraction must be a number in [0, 0.99]"),
+    ({"reserved_fraction": "0.9999999"}, "reserved_fraction must be a number in [0, 0.99]"),
+    ({"reserved_fraction": "-0.1"}, "reserved_fraction must be a number in [0, 0.99]"),
     ({"cores": "0"}, "cores must be a whole number"),
     ({"cores": "2.5"}, "cores must be a whole number"),
     ({"mem_bandwidth_gbs": "0"}, "mem_bandwidth_gbs must be a number"),
@@ -100,7 +102,7 @@ def test_bad_profile_on_the_cli_has_no_traceback(tmp_path):
     path = write_profile(tmp_path, reserved_fraction="1.5")
     r = CliRunner().invoke(main_cli, ["plan", "--device", str(path)])
     assert r.exit_code == 1 and "Traceback" not in r.output
-    assert r.output.strip().splitlines() == [f"Error: {path}: reserved_fraction must be a number in [0, 1), got 1.5"]
+    assert r.output.strip().splitlines() == [f"Error: {path}: reserved_fraction must be a number in [0, 0.99], got 1.5"]
 
 
 # --- on-device detection: a faked board root ($BMOE_SYSROOT) -------------------------------------------------
