@@ -5,8 +5,8 @@ Components (manifest kinds) and their formats:
                                  | ternary (trained with QAT, ai.bmoe::TernaryMatMul)
   embeddings (token table, tied LM head, positions)
                                  fp32 | int8 | int4: one blockwise table per weight; the head is a
-                                 MatMulNBits on it, the lookups Gather its rows and dequantize with
-                                 standard ops (Gather, Cast, Sub, Mul), so nothing is stored twice
+                                 MatMulNBits on it, the lookups com.microsoft::GatherBlockQuantized
+                                 on the same bytes, so nothing is stored twice
 
 Two stages: `prepare_linears` swaps a module's ternary-trained linears before graph capture
 (ternary → packed TernaryMatMul, otherwise a dense copy of trits·scale); `compress_graph`
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from torch import nn
 
 from bmoe_runtime.errors import BmoeError
@@ -170,49 +170,28 @@ def _matmul_nbits(gr: _Graph, a: str, y: str, weight: str, bits: int, block_size
 
 
 def _gather_dequantized(gr: _Graph, node: onnx.NodeProto, bits: int, block_size: int) -> list[onnx.NodeProto]:
-    """Gather(table, ids) on the quantized table: gather code rows and their scales, dequantize, reshape."""
+    """Gather(table, ids) on the quantized table: GatherBlockQuantized (≈2x faster in ORT than the same with
+    standard ops, measured), then [..., k_blocks, block] → [..., K]."""
     weight, ids = node.input
     blob, scales, n, k = gr.quantize(weight, bits, block_size)
     k_blocks = -(-k // block_size)
     nm = gr.name
-    rows, srows, codes = nm(weight + "_rows"), nm(weight + "_srows"), nm(weight + "_codes")
-    out = [helper.make_node("Gather", [blob, ids], [rows], name=nm("gather_codes"), axis=0),  # [..., kb, blob]
-           helper.make_node("Gather", [scales, ids], [srows], name=nm("gather_scales"), axis=0)]  # [..., kb]
-    ids_shape = nm(weight + "_ids_shape")
-    out.append(helper.make_node("Shape", [ids], [ids_shape], name=nm("ids_shape")))
-    if bits == 4:  # low nibble is the even element
-        lo, hi, lo1, hi1, pairs = (nm(weight + s) for s in ("_lo", "_hi", "_lo1", "_hi1", "_pairs"))
-        unpacked_shape = nm(weight + "_unpacked_shape")
-        out += [helper.make_node("BitwiseAnd", [rows, gr.const("mask", np.array(15, np.uint8))], [lo], name=nm("lo")),
-                helper.make_node("BitShift", [rows, gr.const("four", np.array(4, np.uint8))], [hi], name=nm("hi"),
-                                 direction="RIGHT"),
-                helper.make_node("Unsqueeze", [lo, gr.const("last", np.array([-1], np.int64))], [lo1], name=nm("u")),
-                helper.make_node("Unsqueeze", [hi, gr.const("last", np.array([-1], np.int64))], [hi1], name=nm("u")),
-                helper.make_node("Concat", [lo1, hi1], [pairs], name=nm("pairs"), axis=-1),
-                helper.make_node("Concat", [ids_shape, gr.const("blocks", np.array([k_blocks, block_size], np.int64))],
-                                 [unpacked_shape], name=nm("shape"), axis=0),
-                helper.make_node("Reshape", [pairs, unpacked_shape], [codes], name=nm("codes"))]
-    else:
-        codes = rows
-    values, centered, scaled, sunq, full_shape = (nm(weight + s) for s in
-                                                  ("_values", "_centered", "_scaled", "_s1", "_full_shape"))
-    zero = gr.const("zero_point", np.array(1 << (bits - 1), np.float32))
-    out += [helper.make_node("Cast", [codes], [values], name=nm("cast"), to=TensorProto.FLOAT),
-            helper.make_node("Sub", [values, zero], [centered], name=nm("center")),
-            helper.make_node("Unsqueeze", [srows, gr.const("last", np.array([-1], np.int64))], [sunq], name=nm("u")),
-            helper.make_node("Mul", [centered, sunq], [scaled], name=nm("scale")),
-            helper.make_node("Concat", [ids_shape, gr.const("padded_k", np.array([k_blocks * block_size], np.int64))],
-                             [full_shape], name=nm("shape"), axis=0)]
+    # its scales are [N, k_blocks, 1]: a view ORT folds into a copy of the (small) scale table
+    scales3, rows, ids_shape, shape = (nm(weight + s) for s in ("_scales3", "_rows", "_ids_shape", "_shape"))
+    out = [helper.make_node("Unsqueeze", [scales, gr.const("last", np.array([-1], np.int64))], [scales3], name=nm("u")),
+           helper.make_node("GatherBlockQuantized", [blob, ids, scales3], [rows], name=nm(weight + "_gather"),
+                            domain=CONTRIB_DOMAIN, gather_axis=0, quantize_axis=2, block_size=block_size, bits=bits),
+           helper.make_node("Shape", [ids], [ids_shape], name=nm("ids_shape")),
+           helper.make_node("Concat", [ids_shape, gr.const("padded_k", np.array([k_blocks * block_size], np.int64))],
+                            [shape], name=nm("shape"), axis=0)]
     if k_blocks * block_size == k:
-        out.append(helper.make_node("Reshape", [scaled, full_shape], [node.output[0]], name=nm("rows")))
-    else:  # drop the padding of the last block
-        padded = nm(weight + "_padded")
-        out += [helper.make_node("Reshape", [scaled, full_shape], [padded], name=nm("rows")),
-                helper.make_node("Slice", [padded, gr.const("starts", np.array([0], np.int64)),
-                                           gr.const("ends", np.array([k], np.int64)),
-                                           gr.const("axes", np.array([-1], np.int64))], [node.output[0]],
-                                 name=nm("unpad"))]
-    return out
+        return out + [helper.make_node("Reshape", [rows, shape], [node.output[0]], name=nm("rows"))]
+    padded = nm(weight + "_padded")  # drop the padding of the last block
+    return out + [helper.make_node("Reshape", [rows, shape], [padded], name=nm("rows")),
+                  helper.make_node("Slice", [padded, gr.const("starts", np.array([0], np.int64)),
+                                             gr.const("ends", np.array([k], np.int64)),
+                                             gr.const("axes", np.array([-1], np.int64))], [node.output[0]],
+                                   name=nm("unpad"))]
 
 
 def _linear_weight(gr: _Graph, node: onnx.NodeProto) -> tuple[str, bool] | None:

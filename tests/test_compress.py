@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from bmoe_runtime.backends import ort_ops
-from bmoe_runtime.backends.contrib_ops import matmul_nbits
+from bmoe_runtime.backends.contrib_ops import gather_block_quantized, matmul_nbits
 from bmoe_runtime.backends.numba_ops import OpError
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.nn.model import ModelConfig
@@ -137,6 +137,32 @@ def _int8_inputs(block: int):
     return hook
 
 
+@pytest.mark.parametrize("bits,k,block", [(4, 80, 32), (8, 48, 16)])
+def test_gather_block_quantized_reference_matches_onnxruntime(bits, k, block):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(k)
+    blob, scales = quantize_blockwise(rng.standard_normal((30, k)).astype(np.float32), bits, block)
+    scales3 = scales[..., None]
+    ids = np.array([[0, 29, -1], [7, 7, 3]], np.int64)
+    node = helper.make_node("GatherBlockQuantized", ["d", "i", "s"], ["y"], domain="com.microsoft", gather_axis=0,
+                            quantize_axis=2, block_size=block, bits=bits)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(blob, "d"), numpy_helper.from_array(scales3, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ours = gather_block_quantized(blob, ids, scales3, gather_axis=0, quantize_axis=2, block_size=block, bits=bits)
+    np.testing.assert_array_equal(ours, sess.run(None, {"i": ids})[0])
+    table = reference_dequantize(blob, scales, k, bits)
+    np.testing.assert_allclose(ours.reshape(2, 3, -1)[..., :k], table[ids], rtol=0, atol=1e-6)
+    with pytest.raises(OpError, match="indices must be in"):
+        gather_block_quantized(blob, np.array([30]), scales3, gather_axis=0, quantize_axis=2, block_size=block,
+                               bits=bits)
+    with pytest.raises(OpError, match="scales must be"):
+        gather_block_quantized(blob, ids, scales, gather_axis=0, quantize_axis=2, block_size=block, bits=bits)
+
+
 def _with_weights(model, names: dict[str, int], block: int):
     """A copy of `model` whose named weights are replaced by the reference quantization (bits each) and
     whose MatMulNBits products (linears with such weights; the tied head, after ln_f) see int8 inputs."""
@@ -183,8 +209,12 @@ def test_int4_attention_projection_int8_embeddings(tmp_path):
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert not {t.name for t in proto.graph.initializer} & set(bits)  # no fp32 copy left behind
     ops = [n.op_type for n in proto.graph.node]
-    # per layer qkv, out, proj; the tied head
+    # per layer qkv, out, proj; the tied head; token and position lookups
     assert ops.count("MatMulNBits") == 3 * model.cfg.n_layers + 1 and "Transpose" not in ops[-3:]
+    assert ops.count("GatherBlockQuantized") == 2
+    assert not [n for n in proto.graph.node if n.op_type == "Gather" and "_emb." in n.input[0]]
+    # the token table is stored once, shared by the lookup and the head
+    assert sum(t.name.startswith("lm.tok_emb.weight_q8") for t in proto.graph.initializer) == 2  # codes + scales
 
 
 def test_int4_embeddings_block_16(tmp_path):

@@ -6,6 +6,9 @@ float scale per (row, block) and, with no zero_points input, the zero point 2^(b
 accuracy_level 4 (what bmoe writes: ORT's fast CPU path, and its only fast one for 8 bits) quantizes A
 too, per block of block_size along K: int8, step max|a|/127, round to nearest; other levels compute in
 fp32 on CPU.
+
+GatherBlockQuantized: rows of such a table gathered and dequantized (the embedding lookups), with
+gather_axis 0, blocks along the last axis, no zero_points.
 This is the subset bmoe writes (exporters/compress.py); anything else is rejected with an
 OpError rather than computed wrongly. Checked against ONNX Runtime in tests/test_compress.py.
 """
@@ -71,3 +74,31 @@ def matmul_nbits(a: np.ndarray, b: np.ndarray, scales: np.ndarray, zero_points=N
         a = quantize_activations(a, block_size)
     y = a @ dequantize_nbits(b, scales, K, bits).T
     return y if bias is None else y + bias
+
+
+def gather_block_quantized(data: np.ndarray, indices: np.ndarray, scales: np.ndarray, zero_points=None, *,
+                           gather_axis: int = 0, quantize_axis: int = 1, block_size: int = 128,
+                           bits: int = 4) -> np.ndarray:
+    if zero_points is not None:
+        raise OpError("GatherBlockQuantized: zero_points are not supported by the reference runtime")
+    if bits not in (4, 8):
+        raise OpError(f"GatherBlockQuantized: bits must be 4 or 8, got {bits}")
+    if data.dtype != np.uint8 or data.ndim < 2 or gather_axis != 0 or quantize_axis not in (-1, data.ndim - 1):
+        raise OpError(f"GatherBlockQuantized: supported is uint8 data of rank ≥ 2, gather_axis 0 and blocks along "
+                      f"the last axis; got {data.dtype} {data.shape}, gather_axis {gather_axis}, "
+                      f"quantize_axis {quantize_axis}")
+    width = data.shape[-1] * 8 // bits
+    if block_size < 16 or block_size & (block_size - 1) or width % block_size:
+        raise OpError(f"GatherBlockQuantized: block_size {block_size} must be a power of two ≥ 16 dividing {width}")
+    if scales.dtype != np.float32 or scales.shape != (*data.shape[:-1], width // block_size):
+        raise OpError(f"GatherBlockQuantized: scales must be float32 {(*data.shape[:-1], width // block_size)}, "
+                      f"got {scales.dtype} {scales.shape}")
+    if indices.dtype not in (np.int32, np.int64):
+        raise OpError(f"GatherBlockQuantized: indices must be int32 or int64, got {indices.dtype}")
+    n = data.shape[0]
+    if indices.size and (indices.min() < -n or indices.max() >= n):
+        raise OpError(f"GatherBlockQuantized: indices must be in [-{n}, {n})")
+    rows = np.where(indices < 0, indices + n, indices)
+    codes = unpack_codes(data[rows], bits).astype(np.float32) - float(1 << (bits - 1))
+    blocks = codes.reshape(*codes.shape[:-1], width // block_size, block_size) * scales[rows][..., None]
+    return blocks.reshape(codes.shape)

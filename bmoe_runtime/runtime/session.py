@@ -87,7 +87,13 @@ def _reference_ops(model_dir: Path):
         def _run(self, a, b, scales, zero_points=None, g_idx=None, bias=None, **attrs):
             return (contrib_ops.matmul_nbits(a, b, scales, zero_points, g_idx, bias, **attrs),)
 
-    return [ButterflyRotate, TernaryMatMul, AnglePrefetch, MatMulNBits]
+    class GatherBlockQuantized(OpRun):  # com.microsoft: the int4/int8 embedding lookups
+        op_domain = contrib_ops.DOMAIN
+
+        def _run(self, data, indices, scales, zero_points=None, **attrs):
+            return (contrib_ops.gather_block_quantized(data, indices, scales, zero_points, **attrs),)
+
+    return [ButterflyRotate, TernaryMatMul, AnglePrefetch, MatMulNBits, GatherBlockQuantized]
 
 
 def available_cores() -> int:
