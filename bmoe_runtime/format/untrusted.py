@@ -118,10 +118,8 @@ def _no_constant(name: str):
 
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """A regular file's bytes, refused beyond `limit` bytes (no symlink-following for the last component)."""
-    fd = open_member(path.parent, path.name) if _PLAIN_NAME.match(path.name) else None
-    if fd is None:
-        raise BmoeError(f"{what} {path} has an unexpected name")
+    """A regular file's bytes, refused beyond `limit` bytes (opened as a member of its directory)."""
+    fd = open_member(path.parent, path.name)
     try:
         if os.fstat(fd).st_size > limit:
             raise BmoeError(f"{what} {path} is {os.fstat(fd).st_size} bytes, more than the {limit} allowed")
