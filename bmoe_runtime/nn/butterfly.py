@@ -12,11 +12,15 @@ runs the fused Triton kernels of `butterfly_triton` instead (same math, float32 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from bmoe_runtime.format.butterfly_layout import active_mask, angle_shape, n_stages, padded_size  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from bmoe_runtime.nn.butterfly_triton import RowGroups
 
 _fused_enabled = True
 
@@ -32,7 +36,7 @@ def fused_applies(x: torch.Tensor, angles: torch.Tensor) -> bool:
     return (_fused_enabled and x.is_cuda and x.dtype != torch.float64 and angles.dtype != torch.float64)
 
 
-def row_groups(expert_index: torch.Tensor | None, x: torch.Tensor, n_experts: int):
+def row_groups(expert_index: torch.Tensor | None, x: torch.Tensor, n_experts: int) -> RowGroups | None:
     """Rows grouped by expert for the fused kernels (None where the reference runs);
     compute once and pass to every rotation of the same rows."""
     if not (_fused_enabled and x.is_cuda):
@@ -93,7 +97,7 @@ class ButterflyRotation(nn.Module):
         return c, s
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor | None = None, transpose: bool = False,
-                groups=None) -> torch.Tensor:
+                groups: RowGroups | None = None) -> torch.Tensor:
         """x [M, d]; expert_index [M] (int64) or None when E == 1; groups: `row_groups` of the same rows."""
         if x.shape[-1] != self.d:
             raise ValueError(f"expected last dim {self.d}, got {tuple(x.shape)}")
