@@ -133,7 +133,9 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
 @click.option("--engine", type=click.Choice(["auto", "genai", "loop"]), default="auto", show_default=True,
               help="With --backend ort: genai = ONNX Runtime GenAI's generate loop (pip install bmoe[genai]); "
               "loop = bmoe's own Python loop; auto = genai when installed and the export has its genai_config.json.")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
+              help="Sampling seed. Each engine has its own random generator: sampled text differs between "
+              "--engine genai and loop (greedy text does not).")
 @click.option("--json", "json_path", type=click.Path(), help="Write the run's report here.")
 @click.option("--device", help="Plan for this device (bmoe devices lists them; or a .toml profile); "
               "off the device, threads are limited to its cores and its speed is estimated.")
