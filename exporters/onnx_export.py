@@ -5,7 +5,7 @@ packed forms (packed.py) so every ButterflyMoE bank becomes
 ButterflyRotate → TernaryMatMul → ButterflyRotate. Initializers are then laid out by us:
 angle tables in their own file (the planner streams experts' angles from it, each
 expert a contiguous slice), everything else in weights.bin, 64-byte aligned for mmap.
-The directory is built under a temporary name beside OUTDIR (format/staging.py) and renamed
+The directory is built under a temporary name beside OUTDIR (format/export_dir.py) and renamed
 into place only when complete and checked, so a failed export never leaves a directory that
 looks valid, and a killed one's leftovers are removed by the next export to OUTDIR. OUTDIR may
 be absent or empty; a previous bmoe export there is replaced only with force; anything else
@@ -15,11 +15,8 @@ be absent or empty; a previous bmoe export there is replaced only with force; an
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import logging
-import os
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +26,10 @@ import torch
 from torch import nn
 
 from bmoe_runtime.errors import BmoeError
-from bmoe_runtime.format import op_schemas, staging
+from bmoe_runtime.format import op_schemas
+from bmoe_runtime.format.export_dir import check_out_dir, staged_export
 from bmoe_runtime.train.checkpoint import load_model
-from bmoe_runtime.format.manifest import MANIFEST, build_manifest, read_manifest, tensor_kind
+from bmoe_runtime.format.manifest import MANIFEST, build_manifest, tensor_kind
 from bmoe_runtime.nn.model import MoELM
 from bmoe_runtime.format.packing import PACKINGS
 
@@ -133,35 +131,8 @@ def _externalize(model: onnx.ModelProto, out: Path) -> None:
             f.close()
 
 
-def check_out_dir(out_dir: Path, force: bool) -> bool:
-    """Whether out_dir holds a previous export to replace (only with force); raises for anything
-    that is not absent, an empty directory or a bmoe export of nothing but its listed files."""
-    if out_dir.is_symlink():
-        raise BmoeError(f"output {out_dir} is a symbolic link: give the directory itself")
-    if not out_dir.exists():
-        return False
-    if not out_dir.is_dir():
-        raise BmoeError(f"output {out_dir} exists and is not a directory")
-    entries = {p.name for p in out_dir.iterdir()}
-    if not entries:
-        return False
-    try:
-        listed = set(read_manifest(out_dir, verify="none")["files"]) | {MANIFEST}
-    except BmoeError:
-        listed = set()
-    if not entries <= listed:
-        raise BmoeError(f"output {out_dir} is not empty and not a bmoe export (it holds "
-                        f"{', '.join(sorted(entries - listed)[:3])}): refusing to replace it; choose another -o")
-    if not force:
-        raise BmoeError(f"output {out_dir} holds a bmoe export: pass --force (force=True) to replace it")
-    return True
-
-
 def _write_dir(out_dir: Path, model: onnx.ModelProto, meta: dict, extra: dict[str, str], force: bool) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    legacy = (f".{glob.escape(out_dir.name)}.old-*",)  # set aside by bmoe versions before staging.py
-    with staging.staged_dir(out_dir, legacy) as tmp:
+    with staged_export(Path(out_dir), force) as tmp:
         _externalize(model, tmp)
         onnx.save(model, tmp / MODEL_FILE)
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
@@ -169,17 +140,7 @@ def _write_dir(out_dir: Path, model: onnx.ModelProto, meta: dict, extra: dict[st
             (tmp / name).write_text(text, encoding="utf-8")
         manifest = build_manifest(tmp, model, meta)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if not check_out_dir(out_dir, force):  # again: the directory may have changed while we exported
-            os.replace(tmp, out_dir)  # rename(2) replaces an empty directory atomically
-            return out_dir
-        with staging.set_aside(out_dir) as old:  # the old export, replaced only once the new one is complete
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old)
-    return out_dir
+    return Path(out_dir)
 
 
 def _detached_memo(module: nn.Module) -> dict[int, torch.Tensor]:
