@@ -25,7 +25,6 @@ import onnx
 import torch
 from torch import nn
 
-from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.format import op_schemas
 from bmoe_runtime.format.export_dir import check_out_dir, staged_export
 from bmoe_runtime.train.checkpoint import load_model
