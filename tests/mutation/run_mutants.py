@@ -95,7 +95,8 @@ def markdown(results: list[dict], source: str) -> str:
     rows = ["| bug (mutant) | file | result | killed by |", "|---|---|---|---|"]
     for r in results:
         killer = ", ".join(f"`{t}`" for t in r["killed_by"]) or "–"
-        rows.append(f"| {r['bug']} (`{r['name']}`) | `{r['file']}` | {r['result']} | {killer} |")
+        bug = r["bug"].replace("|", "\\|")  # a literal | would split the table cell
+        rows.append(f"| {bug} (`{r['name']}`) | `{r['file']}` | {r['result']} | {killer} |")
     killed = sum(r["result"].startswith("killed") for r in results)
     rows.append("")
     rows.append(f"{killed} of {len(results)} killed ({source}).")
