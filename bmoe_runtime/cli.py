@@ -161,11 +161,14 @@ def run_cli(model_dir, prompt, n_new, backend, threads, temperature, top_k, top_
     backend = _backend(backend)
     threads = _cap_threads(threads)
     plan, slots = None, None
+    planned = _planned_cache(model_dir)  # a planned directory streams as written: no rewrite at load
+    if planned is not None and lookahead:
+        raise BmoeError("--lookahead rewrites the graph at load: not for a planned directory (bmoe plan --write)")
     chosen = _engine(engine, backend, model_dir, streamed=False)  # planned with the chosen engine's overhead
     if device or budget_mb or context:  # plan first, then allocate
         plan, threads = _run_plan(model_dir, backend, device or "host", budget_mb, context, threads, prompt, n_new,
-                                  max_context, chosen)
-        slots = plan[1].cache_experts if plan[1].streaming else None
+                                  max_context, chosen, planned)
+        slots = plan[1].cache_experts if plan[1].streaming and planned is None else None
         if slots is not None and chosen == "genai":  # GenAI cannot stream: bmoe's loop, planned again for it
             chosen = _engine(engine, backend, model_dir, streamed=True)
             plan, threads = _run_plan(model_dir, backend, device or "host", budget_mb, context, threads, prompt,
@@ -231,8 +234,9 @@ def _engine(engine: str, backend: str, model_dir, streamed: bool) -> str:
         why = "needs --backend ort"
     elif not genai_engine.available():
         why = "is not installed (pip install bmoe[genai])"
-    elif streamed:  # GenAI loads model.onnx as it is; streaming is a graph rewrite done by bmoe's session
-        why = "cannot stream angles yet (bmoe's loop rewrites the graph at load)"
+    elif streamed:  # GenAI loads model.onnx as it is; streaming an export is a graph rewrite done by bmoe's session
+        why = ("cannot stream angles from an export (bmoe's loop rewrites the graph at load; "
+               "`bmoe plan --write` writes a directory GenAI streams)")
     elif not has_genai_files(read_manifest(model_dir, verify="none")):
         why = "needs the export's genai_config.json (exported before bmoe wrote it: re-export)"
     if why is None:
@@ -244,10 +248,19 @@ def _engine(engine: str, backend: str, model_dir, streamed: bool) -> str:
     return "loop"
 
 
+def _planned_cache(model_dir) -> int | None:
+    """Experts a layer a planned directory caches (bmoe plan --write), None for an export."""
+    from bmoe_runtime.format.manifest import read_manifest
+    from bmoe_runtime.runtime.planned_dir import planned_cache
+
+    return planned_cache(read_manifest(model_dir, verify="none"))  # the session verifies the files
+
+
 def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, context: int | None,
               threads: int | None, prompt: str, n_new: int, max_context: int | None = None,
-              engine: str = "loop") -> tuple[tuple, int | None]:
-    """Plan before loading: refuse what cannot fit, limit threads off-device, say what is not implemented."""
+              engine: str = "loop", planned: int | None = None) -> tuple[tuple, int | None]:
+    """Plan before loading: refuse what cannot fit, limit threads off-device, say what is not implemented.
+    planned: a planned directory's cache (experts a layer), which the plan keeps."""
     from bmoe_runtime.planning.devices import resolve_device
     from bmoe_runtime.errors import BmoeError
     from bmoe_runtime.format.manifest import read_manifest
@@ -276,7 +289,11 @@ def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, con
         overhead = genai_engine.overhead_in_this_process()
     else:
         overhead = overhead_in_this_process(backend, opts.get("packing", "2bit"), int(opts.get("act_quant", False)))
-    plan = make_plan(manifest, dev, settings, budget, overhead, model_name=str(model_dir))
+    plan = make_plan(manifest, dev, settings, budget, overhead, model_name=str(model_dir), cache_experts=planned)
+    if planned is not None and not plan.fits:
+        raise BmoeError(f"{model_dir} was planned for {str(manifest['streamed']['device'])[:60]} with {planned} experts "
+                        f"a layer cached: that peaks at {plan.peak_bytes / MIB:.1f} MiB here, over the "
+                        f"{plan.budget_bytes / MIB:.1f} MiB budget; plan the export again (bmoe plan --write)")
     if refusal(plan):
         raise BmoeError(refusal(plan))
     click.echo(f"[bmoe] {plan.summary()}", err=True)
@@ -378,8 +395,13 @@ def devices_cli():
 @click.option("--overhead-mb", type=click.FloatRange(min=0, min_open=True, max=2**24),
               help="Runtime overhead in MiB, measured on the device (replaces this host's measurement).")
 @click.option("--json", "json_path", type=click.Path(), help="Write the plan here.")
+@click.option("--write", "write_dir", type=click.Path(), help="Write a planned model directory here: the export "
+              "with its angles streamed from angles.bin through the plan's cache, in the graph itself (for ONNX "
+              "Runtime GenAI and native apps; docs/embedding.md). Absent or empty, or a bmoe export with --force.")
+@click.option("--force", is_flag=True, help="With --write: replace the bmoe export already there.")
 @user_errors
-def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, overhead_mb, json_path):
+def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, overhead_mb, json_path, write_dir,
+             force):
     """Plan memory for running MODEL_DIR on a device (default model: the bundled one)."""
     import json
 
@@ -387,6 +409,7 @@ def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, ove
     from bmoe_runtime.planning.devices import resolve_device
     from bmoe_runtime.format.manifest import read_manifest
     from bmoe_runtime.planning.planner import MIB, Settings, make_plan, refusal
+    from bmoe_runtime.runtime.planned_dir import planned_cache, write_planned
 
     model_dir = model_dir or default_model_dir()
     backend = _backend(backend)
@@ -398,15 +421,29 @@ def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, ove
         backend = "ort"  # a native app runs ORT; the library need not be built on this host to plan for it
     budget = int(budget_mb * MIB) if budget_mb else None
     overhead = (int(overhead_mb * MIB), "given: --overhead-mb") if overhead_mb else None
-    plan = make_plan(read_manifest(model_dir, verify=True), dev, Settings(backend, context, None, batch,
-                                                                            runtime=runtime),
-                     budget, overhead, model_name=str(model_dir))
+    manifest = read_manifest(model_dir, verify=True)
+    if write_dir and planned_cache(manifest) is not None:
+        raise BmoeError(f"{model_dir} is already a planned directory: plan the export it was written from")
+    settings = Settings(backend, context, None, batch, runtime=runtime)
+
+    def plan_for(cache: int | None):
+        return make_plan(manifest, dev, settings, budget, overhead, model_name=str(model_dir), cache_experts=cache)
+
+    plan = plan_for(planned_cache(manifest))
+    if write_dir and plan.fits and not plan.streaming:  # everything fits: cache every expert, each read once
+        plan = plan_for(plan.n_experts)
     click.echo(plan.table())
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(plan.to_dict(), f, indent=1)
     if refusal(plan):
         raise BmoeError(refusal(plan))
+    if write_dir:
+        out = write_planned(model_dir, write_dir, plan.cache_experts,
+                            {"device": dev.name, "runtime": runtime, "budget_bytes": plan.budget_bytes,
+                             "planned_peak_bytes": plan.peak_bytes}, force)
+        click.echo(f"wrote {out}: angles stream from angles.bin, {plan.cache_experts}/{plan.n_experts} experts a "
+                   "layer cached (run it with bmoe-run, ONNX Runtime GenAI or a native app: docs/embedding.md)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -93,6 +93,16 @@ SCHEMA = {
                       "properties": {"tensor": {"type": "string", "maxLength": 1024}, "experts": _int(1, 1 << 16),
                                      "expert_bytes": _int(1, MAX_FILE_BYTES)}},
         },
+        # a planned directory (bmoe plan --write; runtime/planned_dir.py): these tables' ButterflyRotate nodes
+        # stream from the angle file with this many experts cached, their initializers gone from the graph
+        "streamed": {
+            "type": "object", "required": ["cache_slots", "device", "budget_bytes", "planned_peak_bytes"],
+            "properties": {
+                "cache_slots": {"type": "object", "minProperties": 1, "maxProperties": 1 << 16,
+                                "propertyNames": {"maxLength": 1024}, "additionalProperties": _int(1, 1 << 16)},
+                "device": _TEXT, "runtime": _TEXT, "budget_bytes": _BYTES, "planned_peak_bytes": _BYTES,
+            },
+        },
     },
     "if": {"properties": {"kind": {"const": "lm"}}},
     "then": {"required": ["config", "tokenizer"]},
@@ -134,6 +144,10 @@ def _inconsistency(m: dict) -> str | None:
             return f"angle table {_short(a['tensor'])} is not an [experts, stages, pairs] angles tensor"
         if t["shape"][0] != a["experts"] or a["experts"] * a["expert_bytes"] != t["bytes"]:
             return f"angle table {_short(a['tensor'])}: experts/expert_bytes do not match its tensor"
+    experts = {a["tensor"]: a["experts"] for a in m["angle_tables"]}
+    for name, slots in m.get("streamed", {}).get("cache_slots", {}).items():
+        if name not in experts or slots > experts[name]:
+            return f"streamed table {_short(name)} is not an angle table, or caches more than its experts"
     if m["kind"] == "lm":
         return _lm_inconsistency(m["config"], tensors, m["angle_tables"])
     return None

@@ -1,6 +1,6 @@
 """Memory plan: will an exported LM fit a device, and with how large an angle cache?
 
-resident: peak = runtime + copies·(weights + all angles) + cos/sin tables(all, ort)
+resident: peak = runtime + copies·(weights + all angles) + cos/sin tables of ≤ 8 experts (ort)
                 + max(load transient, KV cache + activations)
 streamed: peak = runtime + copies·weights + c·cos/sin tables (the angle cache)
                 + max(load transient, KV cache + activations)
@@ -30,11 +30,12 @@ F32 = 4
 #   numba: onnx.load holds every weight in the protobuf and the ReferenceEvaluator again as numpy
 #          arrays (2 copies); onnx.checker serializes the loaded model once more while loading
 #          (1 transient copy); it keeps every intermediate of a step until the step returns.
-#   ort:   one copy of the weights; ButterflyRotate builds cos/sin tables for all experts at
-#          session creation; the arena reuses activation buffers across layers.
+#   ort:   one copy of the weights; the arena reuses activation buffers across layers; ButterflyRotate
+#          computes the cos/sin tables of the experts a call uses from the angles, at most 8 experts at
+#          a time, into one buffer kept across calls (custom_ops/src/butterfly_op.cc, kCallExperts).
 COPIES = {"numba": 2, "ort": 1}
 LOAD_TRANSIENT_COPIES = {"numba": 1, "ort": 0}
-TABLES = {"numba": False, "ort": True}
+CALL_TABLE_EXPERTS = {"numba": 0, "ort": 8}
 # If the overhead probe cannot run: peak RSS of the probe on the dev machine (x86_64, Python 3.11).
 FALLBACK_OVERHEAD = {"numba": 350 * MIB, "ort": 325 * MIB}
 # runtime "native": an app embedding ONNX Runtime 1.32 + libbmoe_ops, one trivial session run, no Python.
@@ -236,8 +237,10 @@ def activation_bytes(cfg: dict, backend: str, tokens: int, context: int, batch: 
 
 
 def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: int | None = None,
-              overhead: tuple[int, str] | None = None, model_name: str = "model", all_resident: bool = False) -> Plan:
-    """The plan with the largest angle cache under the budget (or all experts, with all_resident)."""
+              overhead: tuple[int, str] | None = None, model_name: str = "model", all_resident: bool = False,
+              cache_experts: int | None = None) -> Plan:
+    """The plan with the largest angle cache under the budget (or all experts, with all_resident; or, for a
+    planned directory, its streamed cache of cache_experts experts a layer)."""
     if manifest.get("kind") != "lm" or "config" not in manifest:
         raise BmoeError(f"{model_name}: planning needs a language-model export (kind 'lm')")
     if settings.backend not in COPIES:
@@ -276,7 +279,9 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
     shapes = {name: t["shape"] for name, t in manifest["tensors"].items()}
     n_exp, top_k = cfg["n_experts"], cfg["top_k"]
     slice_bytes = sum(t["expert_bytes"] for ts in layers.values() for t in ts)  # one expert, all layers
-    table_bytes = sum(_table_bytes(shapes[t["tensor"]]) for ts in layers.values() for t in ts) if TABLES[backend] else 0
+    # The largest table of any node, for the experts one resident call holds at a time.
+    table_bytes = min(CALL_TABLE_EXPERTS[backend], n_exp) * max(
+        (_table_bytes(shapes[t["tensor"]]) for ts in layers.values() for t in ts), default=0)
     by_kind = dict(manifest["bytes_by_kind"])
     angle_rest = by_kind.pop("angles", 0) - slice_bytes * n_exp  # int8 per-expert scales: tiny, kept resident
     if angle_rest:
@@ -300,7 +305,8 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
             comp[f"angles: {c}/{n_exp} experts × {len(layers)} layers" + (f" × {copies}" if copies > 1 else "")] = \
                 copies * c * slice_bytes
             if table_bytes:
-                comp["angles: cos/sin tables (ort op)"] = c * table_bytes
+                comp[f"angles: cos/sin tables of ≤ {CALL_TABLE_EXPERTS[backend]} experts a call (ort op)"] = \
+                    table_bytes
         comp["KV cache (past + present)"] = 2 * kv
         comp[f"activations ({prefill}-token step)"] = act
         comp["safety margin (unplanned allocations)"] = SAFETY_MARGIN
@@ -309,7 +315,9 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
 
     lo = min(top_k, n_exp) if layers else 0
     cache, streaming = (n_exp if layers else 0), False
-    if not all_resident and parts(cache, False)[2] > budget_bytes and layers:
+    if cache_experts is not None and layers:  # fixed in the graph: streamed whatever the budget
+        cache, streaming = min(cache_experts, n_exp), True
+    elif not all_resident and parts(cache, False)[2] > budget_bytes and layers:
         streaming = True
         while cache > lo and parts(cache, True)[2] > budget_bytes:
             cache -= 1
@@ -320,7 +328,7 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
     pos = sum(b["bytes"] for n, b in manifest["tensors"].items() if "pos_emb" in n) // cfg["max_seq"]
     weights_read = resident - by_kind.get("embeddings", 0) - by_kind.get("experts", 0) + emb + pos \
         + by_kind.get("experts", 0) * top_k // n_exp
-    angle_read = top_k * (table_bytes or slice_bytes)
+    angle_read = top_k * slice_bytes  # tables are computed from the angles (and stay in cache)
     ram_read = weights_read / settings.batch + angle_read + cfg["n_layers"] * context * cfg["d_model"] * F32
     miss_frac = (1 - cache / n_exp) if layers else 0.0
     misses = len(layers) * top_k * miss_frac

@@ -24,6 +24,7 @@ from bmoe_runtime.format import op_schemas
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.format import untrusted
 from bmoe_runtime.format.manifest import read_manifest, read_verified
+from bmoe_runtime.runtime.planned_dir import check_streamed_graph, streamed_slots
 
 BACKENDS = ("ort", "numba")
 MAX_GRAPH_BYTES = 2**30  # model.onnx without its weights (they are in external files)
@@ -131,6 +132,9 @@ class ModelSession:
         streamed = None
         if lookahead and angle_cache_slots is None:
             raise BmoeError("lookahead prefetch needs streamed angles (angle_cache_slots)")
+        if angle_cache_slots is not None and streamed_slots(self.manifest):
+            raise BmoeError(f"{self.dir} is a planned directory (bmoe plan --write): its angles already stream "
+                            "from the file with the plan's cache; load it without angle cache slots")
         if angle_cache_slots is not None:  # angles streamed: the rewritten graph, without their initializers
             from bmoe_runtime.runtime.streaming import stream_angles
 
@@ -163,9 +167,12 @@ class ModelSession:
                     (want["file"], str(want["offset"]), str(want["bytes"])) or list(t.dims) != want["shape"]:
                 raise BmoeError(f"{self.dir / name}: external tensor {t.name[:80]!r} does not match the manifest")
             seen.add(t.name)
-        if seen != set(listed):
-            raise BmoeError(f"{self.dir / name}: the graph lacks tensors the manifest lists, e.g. "
-                            f"{sorted(set(listed) - seen)[0][:80]!r}")
+        streamed = streamed_slots(m)  # a planned directory's streamed tables are read by its nodes instead
+        if seen != set(listed) - set(streamed):
+            raise BmoeError(f"{self.dir / name}: the graph's external tensors are not the manifest's, e.g. "
+                            f"{sorted(seen ^ (set(listed) - set(streamed)))[0][:80]!r}")
+        if streamed:
+            check_streamed_graph(proto, m, str(self.dir / name))
         return proto
 
     @staticmethod
