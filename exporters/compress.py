@@ -36,7 +36,7 @@ EMBED_FORMATS = ("fp32", "int8", "int4")
 BITS = {"int4": 4, "int8": 8}
 CONTRIB_DOMAIN = "com.microsoft"
 # MatMulNBits with int8 activations (per block of K): ORT's fast CPU path, ~2.5x the fp32-compute path at
-# 4 bits and its only usable one at 8 bits (~60x slower without), measured at M=1, 4096x1024, 1 thread
+# 4 bits and its only usable one at 8 bits (60x slower without, 20x slower than fp32), M=1, 4096x1024, 1 thread
 ACCURACY_LEVEL = 4
 # the CLI option that chooses each component's format (for error messages)
 OPTION_OF = {"attention": "--attn", "shared_projection": "--proj", "embeddings": "--embed"}

@@ -237,6 +237,39 @@ def test_ternary_trained_attention_and_projection(tmp_path):
     np.testing.assert_allclose(stored, fake_quantize(w).numpy(), rtol=0, atol=1e-7)
 
 
+def test_ternary_linear_trains_through_the_grid():
+    torch.manual_seed(0)
+    lin = TernaryLinear(16, 8)
+    x = torch.randn(4, 16)
+    w = lin.weight.detach()
+    scale = w.abs().mean(dim=1, keepdim=True)  # absmean per row, as the experts' prototypes
+    grid = torch.clamp(torch.round(w / scale), -1, 1) * scale
+    y = lin(x)
+    torch.testing.assert_close(y, x @ grid.T)
+    y.sum().backward()  # straight-through: dL/dW as if W were used directly
+    torch.testing.assert_close(lin.weight.grad, torch.ones(8, 4) @ x)
+
+
+def test_bmoe_train_ternary_parts(data_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bmoe_runtime.cli import train_cli
+    from bmoe_runtime.train.checkpoint import load_model
+
+    monkeypatch.setenv("BMOE_CACHE_DIR", str(tmp_path / "tokens"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:20_000])
+    out = tmp_path / "q.pt"
+    result = CliRunner().invoke(train_cli, ["--data", str(corpus), "--out", str(out), "--d-model", "32", "--d-ff",
+                                            "64", "--layers", "1", "--experts", "4", "--steps", "2", "--eval-every",
+                                            "2", "--batch", "2", "--seq", "16", "--ternary", "proj"])
+    assert result.exit_code == 0, result.output
+    model, _, _ = load_model(out)
+    assert model.cfg.ternary_proj and not model.cfg.ternary_attn
+    assert isinstance(model.blocks[0].moe.proj, TernaryLinear) and not isinstance(model.blocks[0].attn.qkv,
+                                                                                  TernaryLinear)
+
+
 def test_qat_flag_needs_the_paper_form():
     with pytest.raises(ValueError, match="ternary_proj needs expert_form 'paper'"):
         ModelConfig(expert_form="ffn", ternary_proj=True)
