@@ -237,6 +237,24 @@ def test_ternary_trained_attention_and_projection(tmp_path):
     np.testing.assert_allclose(stored, fake_quantize(w).numpy(), rtol=0, atol=1e-7)
 
 
+def test_ternary_projection_int4_attention_of_a_qat_model(tmp_path):
+    """QAT model, projection exported ternary (base3 trits) and attention int4 of its trits·scale."""
+    model = make_checkpoint(tmp_path / "q.pt", ternary_attn=True, ternary_proj=True)
+    out = export_checkpoint(tmp_path / "q.pt", tmp_path / "x",
+                            ExportOptions(packing="base3", angle_dtype="fp32", attn="int4", proj="ternary"))
+    dense = copy.deepcopy(model)
+    for block in dense.blocks:  # the attention the trained forward saw, as plain linears
+        for name in ("qkv", "out"):
+            lin = getattr(block.attn, name)
+            plain = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
+            with torch.no_grad():
+                plain.weight.copy_(fake_quantize(lin.weight))
+            setattr(block.attn, name, plain)
+    _check_runtimes(out, _with_weights(dense, {n: 4 for n, _ in dense.named_parameters() if ".attn." in n}, 32))
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("TernaryMatMul") == 2 * model.cfg.n_layers and ops.count("MatMulNBits") == 2 * model.cfg.n_layers
+
+
 def test_ternary_linear_trains_through_the_grid():
     torch.manual_seed(0)
     lin = TernaryLinear(16, 8)
