@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bmoe_runtime.train.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from bmoe_runtime.train.checkpoint import (CheckpointError, content_sha256, load_model, read_checkpoint,
+                                           save_checkpoint)
 from bmoe_runtime.nn.memory import model_memory, paper_expert_ratio
 from bmoe_runtime.nn.model import ModelConfig, MoELM
 from bmoe_runtime.nn.moe import VARIANTS
@@ -187,12 +188,17 @@ def test_checkpoint_version_and_mismatch(tmp_path):
         load_model(tmp_path / "v99.pt")
     ck = torch.load(good, weights_only=True)
     ck["config"]["d_ff"] = 48
+    torch.save(ck, tmp_path / "edited.pt")  # edited without a new checksum
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_model(tmp_path / "edited.pt")
+    ck["checksum"] = {"sha256": content_sha256(ck)}  # a consistent file whose config does not fit its tensors
     torch.save(ck, tmp_path / "shape.pt")
     with pytest.raises(CheckpointError, match="does not match") as info:
         load_model(tmp_path / "shape.pt")
     assert "size mismatch" in str(info.value) and "\n" not in str(info.value)
     ck = torch.load(good, weights_only=True)
     ck["tokenizer"] = {"kind": "sentencepiece"}
+    ck["checksum"] = {"sha256": content_sha256(ck)}
     torch.save(ck, tmp_path / "tok.pt")
     with pytest.raises(CheckpointError, match="does not match"):
         load_model(tmp_path / "tok.pt")
