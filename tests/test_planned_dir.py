@@ -163,3 +163,12 @@ def test_plan_write_follows_the_export_directory_rules(planned, tmp_path):
     assert r.returncode == 1 and "--force" in r.stderr
     assert bmoe("bmoe", "plan", "--device", "host", "--write", str(out), "--force").returncode == 0
     assert sorted(os.listdir(tmp_path)) == ["mine", "p"]  # no stage left behind
+
+
+def test_genai_app_without_the_model_dir_entry_gets_the_op_librarys_error(planned):
+    """GenAI does not set bmoe.model_dir: an app that does not overlay it gets an error naming the entry."""
+    from bmoe_runtime.runtime.genai_engine import preload_op_library
+
+    preload_op_library()  # as an app loads libbmoe_ops before GenAI looks for it
+    with pytest.raises(RuntimeError, match="bmoe.model_dir"):
+        og.Model(og.Config(str(planned)))
