@@ -105,7 +105,7 @@ def prepare_linears(module: nn.Module, formats: dict[str, str], packing: str, ac
     for kind, fmt in formats.items():
         if fmt == "ternary" and kind not in trained:
             raise BmoeError(f"{OPTION_OF[kind]} ternary needs a checkpoint trained with ternary {kind.replace('_', ' ')} "
-                            f"(bmoe-train --ternary {TRAIN_FLAG_OF[kind]}); this one's are fp32: "
+                            f"(bmoe-train --ternary {TRAIN_FLAG_OF[kind]}); this checkpoint's are fp32: "
                             f"use {OPTION_OF[kind]} int4 or fp32")
 
 

@@ -20,7 +20,6 @@ from onnx import TensorProto, helper, numpy_helper
 from bmoe_runtime.backends import ort_ops
 from bmoe_runtime.backends.contrib_ops import gather_block_quantized, matmul_nbits
 from bmoe_runtime.backends.numba_ops import OpError
-from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.nn.model import ModelConfig
 from bmoe_runtime.nn.ternary import TernaryLinear, fake_quantize
 from bmoe_runtime.runtime.generate import Generator
