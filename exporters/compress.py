@@ -224,7 +224,7 @@ def compress_graph(model: onnx.ModelProto, formats: dict[str, str], block_size: 
         new = None
         if node.op_type == "Gather" and node.input[0] in gr.inits and _attrs(node).get("axis", 0) == 0:
             kind = tensor_kind(node.input[0])
-            if kind == "embeddings" and kind in bits_of and gr.inits[node.input[0]].dims.__len__() == 2:
+            if kind == "embeddings" and kind in bits_of and len(gr.inits[node.input[0]].dims) == 2:
                 new = _gather_dequantized(gr, node, bits_of[kind], block_size)
         elif (found := _linear_weight(gr, node)) is not None:
             weight, transposed = found
