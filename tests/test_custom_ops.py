@@ -174,7 +174,8 @@ def angles_of(rng, e, d, dtype):
 def test_butterfly_rotate(variant, dtype, const_angles):
     rng = np.random.default_rng(3)
     for i, (m, d, e) in enumerate([(4, 2, 1), (5, 3, 2), (3, 6, 3), (7, 16, 2), (6, 17, 4), (9, 100, 3),
-                                   (1, 768, 1), (33, 768, 5), (0, 40, 2), (2, 1024, 2)]):
+                                   (1, 768, 1), (33, 768, 5), (0, 40, 2), (2, 1024, 2),
+                                   (60, 64, 19)]):  # > 8 experts: several groups a call
         x = rng.standard_normal((m, d)).astype(np.float32)
         angles, scale = angles_of(rng, e, d, dtype)
         idx = rng.integers(0, e, m).astype(np.int64) if (e > 1 or i % 2) else None
@@ -185,6 +186,85 @@ def test_butterfly_rotate(variant, dtype, const_angles):
             ref = butterfly_rotate(x, angles, idx, scale, bool(transpose))
             tol = 1e-5 * (1 + np.abs(x).max(initial=0))
             assert y.shape == x.shape and np.abs(y - ref).max(initial=0) <= tol, (m, d, e, transpose)
+
+
+def _cos_sin_by_rotation(theta, scale=None):
+    """D = 2 has one pair: rotating x = (1, 0) by expert e's angle gives (cos θ_e, sin θ_e)."""
+    e = len(theta)
+    x = np.tile(np.array([[1, 0]], np.float32), (e, 1))
+    inputs = {"X": x, "angles": theta.reshape(e, 1, 1), "expert_index": np.arange(e, dtype=np.int64),
+              "angle_scale": scale}
+    return run("ButterflyRotate", inputs, const=tuple(n for n in ("angles", "angle_scale") if inputs[n] is not None))
+
+
+def test_cos_sin_against_float64(variant):
+    """The op's own sincos (custom_ops/src/sincos.cc): ≤ 2 float32 ulp of the float64 value over angles up to
+    8192 rad, libm beyond, NaN/Inf propagate; fp16 widened exactly (subnormals, Inf); int8 × scale."""
+    rng = np.random.default_rng(11)
+    theta = np.concatenate([rng.uniform(-4, 4, 3000), rng.uniform(-200, 200, 1000), rng.uniform(-8192, 8192, 500),
+                            [0.0, -0.0, np.pi / 4, np.pi / 2, np.pi, 1e-30, 8191.9, 8192.0, 8192.5, -1e4, 3e7,
+                             1e38]]).astype(np.float32)
+    y = _cos_sin_by_rotation(theta)
+    ref = np.stack([np.cos(theta.astype(np.float64)), np.sin(theta.astype(np.float64))], 1)
+    assert np.abs(y - ref).max() <= 2 * 2.0 ** -24, np.abs(y - ref).max()
+    special = _cos_sin_by_rotation(np.array([np.nan, np.inf, -np.inf], np.float32))
+    assert np.isnan(special).all()
+
+    half = np.array([0, 1, 0x03ff, 0x0400, 0x3c00, 0x4248, 0xc248, 0x8001, 0x7bff, 0x7c00, 0x7e00],
+                    np.uint16).view(np.float16)  # zero, subnormals, normals, ±π-ish, max, Inf, NaN
+    y = _cos_sin_by_rotation(half)
+    wide = half.astype(np.float64)  # exact
+    with np.errstate(invalid="ignore"):
+        ref = np.stack([np.cos(wide), np.sin(wide)], 1)
+    assert np.array_equal(np.isnan(y), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    assert np.abs(y[ok] - ref[ok]).max() <= 2 * 2.0 ** -24
+
+    q = np.arange(-127, 128, dtype=np.int8)
+    scale = rng.uniform(0.001, 0.1, q.size).astype(np.float32)
+    y = _cos_sin_by_rotation(q, scale)
+    th = (q.astype(np.float32) * scale).astype(np.float64)  # the op's float32 product
+    assert np.abs(y - np.stack([np.cos(th), np.sin(th)], 1)).max() <= 2 * 2.0 ** -24
+
+
+_RSS_PROBE = """
+import sys, numpy as np, onnxruntime as ort
+from bmoe_runtime.backends import ort_ops
+path, d, e = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+so = ort.SessionOptions(); so.intra_op_num_threads = 1; ort_ops.register(so)
+s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+rng = np.random.default_rng(0)
+for _ in range(4):  # prefill-like calls: 16 rows over many experts
+    s.run(None, {"X": rng.standard_normal((16, d)).astype(np.float32), "I": rng.integers(0, e, 16)})
+print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads VmHWM from /proc")
+def test_resident_peak_rss_grows_by_the_angle_bytes(tmp_path):
+    """Resident ButterflyRotate keeps no per-expert cos/sin tables: peak RSS of a session over 512 experts minus one
+    over 8 is at most 1.2 × the angle bytes added (fp32 tables of every expert would be ~5.6× them)."""
+    import subprocess
+    import sys
+
+    from onnx import save_model
+
+    d, peaks, sizes = 1024, {}, {}
+    for e in (8, 512):
+        angles, _ = angles_of(np.random.default_rng(e), e, d, "float16")
+        model = make_model("ButterflyRotate", {"X": np.zeros((1, d), np.float32), "A": angles,
+                                               "I": np.zeros(1, np.int64)},
+                           initializers=[numpy_helper.from_array(angles, "A")])
+        path = tmp_path / f"e{e}" / "model.onnx"
+        path.parent.mkdir()
+        save_model(model, str(path), save_as_external_data=True, location="angles.bin", size_threshold=0)
+        sizes[e] = (path.parent / "angles.bin").stat().st_size
+        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), str(d), str(e)], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        peaks[e] = int(out.stdout)
+    grown, angle_bytes = peaks[512] - peaks[8], sizes[512] - sizes[8]
+    assert grown <= 1.2 * angle_bytes, (grown / angle_bytes, peaks, sizes)
 
 
 def test_butterfly_roundtrip_and_trailing_omitted_input(variant):

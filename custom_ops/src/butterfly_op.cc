@@ -25,6 +25,7 @@
 #include "cpu.h"
 #include "op_def.h"
 #include "ort_glue.h"
+#include "sincos.h"
 
 namespace bmoe {
 namespace {
@@ -45,45 +46,35 @@ RotateFn rotate_for(Variant v) {
   }
 }
 
-float half_to_float(uint16_t h) {  // exact widening
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  if (exp == 0) {  // zero or subnormal: man · 2^-24
-    const float v = std::ldexp(static_cast<float>(man), -24);
-    return sign ? -v : v;
-  }
-  const uint32_t bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// Angles of one expert, dequantised to float32 (docs/ops.md).
-float angle(const Tensor& angles, const Tensor& scale, size_t e, size_t i, size_t per_expert) {
-  const size_t idx = e * per_expert + i;
-  switch (angles.type) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return static_cast<const float*>(angles.data)[idx];
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return half_to_float(static_cast<const uint16_t*>(angles.data)[idx]);
-    default:
-      return static_cast<float>(static_cast<const int8_t*>(angles.data)[idx]) * static_cast<const float*>(scale.data)[e];
-  }
-}
-
-void build_table(const Tensor& angles, const Tensor& scale, size_t e, size_t S, float* out) {
-  const size_t P = size_t{1} << S, per_expert = S * P / 2;
+// One expert's cos/sin table (butterfly.h layout) from its stored angles (docs/ops.md dequantisation),
+// in blocks of kBlock angles: widen/scale, vectorised sincos, then place.
+void build_table(ONNXTensorElementDataType type, const void* raw, float scale, size_t S, float* out) {
+  constexpr size_t kBlock = 256;
+  alignas(64) float th[kBlock], cs[kBlock], sn[kBlock];
+  const size_t P = size_t{1} << S;
   for (size_t s = 0; s < S; ++s) {
     const size_t h = size_t{1} << s;
     float* c = out + stage_offset(s, P);
-    for (size_t k = 0; k < P / 2; ++k) {
-      const float th = angle(angles, scale, e, s * P / 2 + k, per_expert);
-      const float cs = std::cos(th), sn = std::sin(th);
-      if (h < kChunk) {
-        const size_t j = (k >> s) << (s + 1) | (k & (h - 1));
-        c[j] = c[j + h] = cs;
-        c[P + j] = -sn;
-        c[P + j + h] = sn;
+    for (size_t k0 = 0; k0 < P / 2; k0 += kBlock) {
+      const size_t n = std::min(kBlock, P / 2 - k0), i0 = s * P / 2 + k0;
+      if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        std::memcpy(th, static_cast<const float*>(raw) + i0, n * 4);
+      } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+        half_to_float_block(static_cast<const uint16_t*>(raw) + i0, n, th);
       } else {
-        c[k] = cs;
-        c[P / 2 + k] = sn;
+        const int8_t* q = static_cast<const int8_t*>(raw) + i0;
+        for (size_t i = 0; i < n; ++i) th[i] = static_cast<float>(q[i]) * scale;
+      }
+      if (h >= kChunk) {  // per pair: straight into the table
+        sincos_block(th, n, c + k0, c + P / 2 + k0);
+        continue;
+      }
+      sincos_block(th, n, cs, sn);
+      for (size_t i = 0; i < n; ++i) {
+        const size_t k = k0 + i, j = (k >> s) << (s + 1) | (k & (h - 1));
+        c[j] = c[j + h] = cs[i];
+        c[P + j] = -sn[i];
+        c[P + j + h] = sn[i];
       }
     }
   }
@@ -101,40 +92,34 @@ size_t angle_bytes(ONNXTensorElementDataType t) {
   return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? 2 : 1;
 }
 
+// Experts whose cos/sin tables a resident call holds at once: the call's table memory is bounded
+// (planner.py CALL_TABLE_EXPERTS) and, at decode, the top-k experts' tables are built in parallel.
+constexpr size_t kCallExperts = 8;
+
 struct Kernel {
   const OrtApi* api;
   bool transpose;
   RotateFn rotate;
-  std::vector<float> const_tables;  // E tables when angles are constant, else empty
   std::shared_ptr<AngleCache> stream;  // streamed form, else null (shared by cache_key)
   ONNXTensorElementDataType stream_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 
   void compute(OrtKernelContext* ctx) const;
-  void compute_streamed(const float* x, float* Y, size_t M, size_t D, size_t S, const int64_t* idx,
-                        const Tensor& scale, OrtKernelContext* ctx) const;
+  // Rows grouped by expert, at most `group` experts at a time; tables(experts, n, out) points
+  // out[u] at the table of experts[u], valid until its next call.
+  template <class Tables>
+  void rotate_grouped(const float* x, float* Y, size_t M, size_t D, size_t S, const int64_t* idx, size_t group,
+                      OrtKernelContext* ctx, Tables&& tables) const;
+  void stream_tables(const size_t* experts, size_t n, size_t S, const float* scales, OrtKernelContext* ctx,
+                     std::vector<AngleCache::Table>& held, const float** out) const;
 };
 
 Kernel* create(const OrtApi* api, const OrtKernelInfo* info, const SessionConfig& cfg) {
   const int64_t t = attr_int(api, info, "transpose", 0);
   if (t != 0 && t != 1) throw OpError("attribute transpose must be 0 or 1, got " + std::to_string(t));
-  std::unique_ptr<Kernel> k(new Kernel{api, t == 1, rotate_for(select_variant()), {}, nullptr});
+  std::unique_ptr<Kernel> k(new Kernel{api, t == 1, rotate_for(select_variant()), nullptr});
   k->stream = open_angle_stream(api, info, cfg, &k->stream_type, false);
-  if (k->stream) {
-    if (constant_input(api, info, 1).present) throw OpError("input angles must be omitted when angle_file is set");
-    return k.release();
-  }
-  const Tensor angles = constant_input(api, info, 1), scale = constant_input(api, info, 3);
-  // Precompute only for well-formed constants; anything else is reported by compute.
-  if (angles.present && is_angle_type(angles.type) && angles.shape.size() == 3 && angles.shape[0] >= 1 &&
-      angles.shape[1] >= 1 && angles.shape[1] <= 30 && angles.shape[2] == (int64_t{1} << angles.shape[1]) / 2 &&
-      (angles.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ||
-       (scale.present && scale.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && scale.shape.size() == 1 &&
-        scale.shape[0] == angles.shape[0]))) {
-    const size_t E = static_cast<size_t>(angles.shape[0]), S = static_cast<size_t>(angles.shape[1]);
-    const size_t tf = table_floats(S, size_t{1} << S);
-    k->const_tables.resize(E * tf);
-    for (size_t e = 0; e < E; ++e) build_table(angles, scale, e, S, &k->const_tables[e * tf]);
-  }
+  if (k->stream && constant_input(api, info, 1).present)
+    throw OpError("input angles must be omitted when angle_file is set");
   return k.release();
 }
 
@@ -198,42 +183,33 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   float* Y = static_cast<float*>(output(api, ctx, 0, X.shape));
   if (M == 0) return;
   const float* x = static_cast<const float*>(X.data);
-  if (stream) return compute_streamed(x, Y, M, D, S, idx, scale, ctx);
-  const size_t tf = table_floats(S, P);
-
-  // Table of each row's expert: the constant tables, or this call's referenced experts.
-  const float* tables = const_tables.data();
-  std::vector<float> call_tables;
-  std::vector<size_t> slot(E, 0);
-  if (const_tables.empty()) {
-    std::vector<size_t> used;
-    std::vector<bool> seen(E, false);
-    for (size_t m = 0; m < M; ++m) {
-      const size_t e = idx ? static_cast<size_t>(idx[m]) : 0;
-      if (!seen[e]) seen[e] = true, slot[e] = used.size(), used.push_back(e);
-    }
-    call_tables.resize(used.size() * tf);
-    auto build = [&](size_t u) { build_table(angles, scale, used[u], S, &call_tables[u * tf]); };
-    parallel_for(api, ctx, used.size(), build);
-    tables = call_tables.data();
-  } else {
-    for (size_t e = 0; e < E; ++e) slot[e] = e;
+  const float* scales = scale.present ? static_cast<const float*>(scale.data) : nullptr;
+  if (stream) {
+    std::vector<AngleCache::Table> held;
+    return rotate_grouped(x, Y, M, D, S, idx, stream->slots(), ctx, [&](const size_t* ex, size_t n, const float** out) {
+      stream_tables(ex, n, S, scales, ctx, held, out);
+    });
   }
-
-  // Tasks of whole rows, each at least ~32K pair rotations.
-  const size_t rows = std::max<size_t>(1, 32768 / (S * P / 2)), tasks = (M + rows - 1) / rows;
-  auto task = [&](size_t t) {
-    for (size_t m = t * rows; m < std::min(M, (t + 1) * rows); ++m) {
-      std::copy(x + m * D, x + (m + 1) * D, Y + m * D);
-      rotate(Y + m * D, D, S, tables + slot[idx ? static_cast<size_t>(idx[m]) : 0] * tf, transpose);
-    }
-  };
-  parallel_for(api, ctx, tasks, task);
+  // Resident: the tables of this call's experts, computed from the angles (no per-expert state).
+  const size_t tf = table_floats(S, P), slice = S * P / 2 * angle_bytes(angle_type);
+  // Reused across calls (a fresh block each call would be mmap'ed and page-faulted every time).
+  thread_local std::vector<float> buf;
+  rotate_grouped(x, Y, M, D, S, idx, kCallExperts, ctx, [&](const size_t* ex, size_t n, const float** out) {
+    if (buf.size() < n * tf) buf.resize(n * tf);
+    float* tables = buf.data();  // this thread's buffer: the pool's threads have their own `buf`
+    auto build = [&](size_t u) {
+      build_table(angle_type, static_cast<const unsigned char*>(angles.data) + ex[u] * slice,
+                  scales ? scales[ex[u]] : 1.f, S, tables + u * tf);
+    };
+    parallel_for(api, ctx, n, build);
+    for (size_t u = 0; u < n; ++u) out[u] = tables + u * tf;
+  });
 }
 
-void Kernel::compute_streamed(const float* x, float* Y, size_t M, size_t D, size_t S, const int64_t* idx,
-                              const Tensor& scale, OrtKernelContext* ctx) const {
-  const size_t C = stream->slots(), P = size_t{1} << S;
+template <class Tables>
+void Kernel::rotate_grouped(const float* x, float* Y, size_t M, size_t D, size_t S, const int64_t* idx, size_t group,
+                            OrtKernelContext* ctx, Tables&& tables) const {
+  const size_t P = size_t{1} << S;
   // Rows grouped by expert (a stable sort: memory independent of E): order[first[u] .. first[u+1])
   // are the rows of expert used[u].
   auto expert = [&](size_t m) { return idx ? static_cast<size_t>(idx[m]) : size_t{0}; };
@@ -244,44 +220,17 @@ void Kernel::compute_streamed(const float* x, float* Y, size_t M, size_t D, size
     if (used.empty() || used.back() != expert(order[r])) used.push_back(expert(order[r])), first.push_back(r);
   first.push_back(M);
 
-  const ONNXTensorElementDataType type = stream_type;
-  const float* scales = scale.present ? static_cast<const float*>(scale.data) : nullptr;
+  // Tasks of whole rows, each at least ~32K pair rotations.
   const size_t rows_per_task = std::max<size_t>(1, 32768 / (S * P / 2));
-  // At most C experts' tables at a time: this call never needs more slots than the cache has.
-  for (size_t g0 = 0; g0 < used.size(); g0 += C) {
-    const size_t n = std::min(C, used.size() - g0);
-    std::vector<AngleCache::Table> tables(n);
-    std::vector<uint32_t> tags(n);
-    std::vector<size_t> missing;
-    for (size_t u = 0; u < n; ++u) {  // hits first (made most recent), then the misses
-      const float sc = scales ? scales[used[g0 + u]] : 1.0f;
-      std::memcpy(&tags[u], &sc, 4);
-      tables[u] = stream->lookup(used[g0 + u], S, tags[u]);
-      if (!tables[u]) missing.push_back(u);
-    }
-    std::vector<std::string> errors(missing.size());
-    auto fetch = [&](size_t i) {  // read + cos/sin of the misses, in parallel
-      const size_t u = missing[i];
-      const float sc = scales ? scales[used[g0 + u]] : 1.0f;
-      try {
-        tables[u] = stream->load(used[g0 + u], S,
-                                 [&](const void* raw, float* out) { build_stream_table(type, raw, sc, S, out); });
-      } catch (const std::exception& ex) {  // parallel_for tasks must not throw
-        errors[i] = ex.what();
-      } catch (...) {
-        errors[i] = "unknown error reading angles";
-      }
-    };
-    if (!missing.empty()) parallel_for(api, ctx, missing.size(), fetch);
-    for (const std::string& err : errors)
-      if (!err.empty()) throw OpError(err);
-    for (size_t u : missing) tables[u] = stream->insert(used[g0 + u], S, tags[u], tables[u]);  // in expert order
-
+  std::vector<const float*> tab(group), row_table;
+  for (size_t g0 = 0; g0 < used.size(); g0 += group) {
+    const size_t n = std::min(group, used.size() - g0);
+    tables(&used[g0], n, tab.data());
     // The group's rows are order[first[g0] .. first[g0 + n]).
     const size_t r0 = first[g0], r1 = first[g0 + n];
-    std::vector<const float*> row_table(r1 - r0);
+    row_table.resize(r1 - r0);
     for (size_t u = 0; u < n; ++u)
-      for (size_t r = first[g0 + u]; r < first[g0 + u + 1]; ++r) row_table[r - r0] = tables[u]->data();
+      for (size_t r = first[g0 + u]; r < first[g0 + u + 1]; ++r) row_table[r - r0] = tab[u];
     const size_t tasks = (r1 - r0 + rows_per_task - 1) / rows_per_task;
     auto task = [&](size_t t) {
       for (size_t r = r0 + t * rows_per_task; r < std::min(r1, r0 + (t + 1) * rows_per_task); ++r) {
@@ -292,6 +241,39 @@ void Kernel::compute_streamed(const float* x, float* Y, size_t M, size_t D, size
     };
     parallel_for(api, ctx, tasks, task);
   }
+}
+
+// Streamed form: the group's tables from the cache (hits first, made most recent), the misses
+// read and built in parallel, then inserted in expert order (deterministic LRU order).
+void Kernel::stream_tables(const size_t* experts, size_t n, size_t S, const float* scales, OrtKernelContext* ctx,
+                           std::vector<AngleCache::Table>& held, const float** out) const {
+  held.assign(n, nullptr);
+  std::vector<uint32_t> tags(n);
+  std::vector<size_t> missing;
+  for (size_t u = 0; u < n; ++u) {
+    const float sc = scales ? scales[experts[u]] : 1.0f;
+    std::memcpy(&tags[u], &sc, 4);
+    held[u] = stream->lookup(experts[u], S, tags[u]);
+    if (!held[u]) missing.push_back(u);
+  }
+  std::vector<std::string> errors(missing.size());
+  const ONNXTensorElementDataType type = stream_type;
+  auto fetch = [&](size_t i) {
+    const size_t u = missing[i];
+    const float sc = scales ? scales[experts[u]] : 1.0f;
+    try {
+      held[u] = stream->load(experts[u], S, [&](const void* raw, float* t) { build_table(type, raw, sc, S, t); });
+    } catch (const std::exception& ex) {  // parallel_for tasks must not throw
+      errors[i] = ex.what();
+    } catch (...) {
+      errors[i] = "unknown error reading angles";
+    }
+  };
+  if (!missing.empty()) parallel_for(api, ctx, missing.size(), fetch);
+  for (const std::string& err : errors)
+    if (!err.empty()) throw OpError(err);
+  for (size_t u : missing) held[u] = stream->insert(experts[u], S, tags[u], held[u]);
+  for (size_t u = 0; u < n; ++u) out[u] = held[u]->data();
 }
 
 }  // namespace
@@ -341,11 +323,7 @@ std::shared_ptr<AngleCache> open_angle_stream(const OrtApi* api, const OrtKernel
 }
 
 void build_stream_table(ONNXTensorElementDataType type, const void* raw, float scale, size_t S, float* out) {
-  Tensor a, s;
-  a.type = type;
-  a.data = raw;
-  s.data = &scale;
-  build_table(a, s, 0, S, out);
+  build_table(type, raw, scale, S, out);
 }
 
 const OpDef kButterflyRotateDef = {

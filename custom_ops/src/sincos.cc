@@ -1,0 +1,74 @@
+// cos/sin of a block of angles: Cephes' single-precision polynomials (sinf/cosf,
+// max error ~2 ulp for |θ| ≤ 8192) written branch-free so that the compiler
+// vectorises the loop, with libm for the rare angle outside that range (or NaN/Inf).
+// Built with -ffp-contract=off -fno-trapping-math (lets GCC if-convert the loop) and without per-ISA flags (CMakeLists.txt): every
+// kernel variant and both forms of ButterflyRotate get bit-identical tables.
+#include "sincos.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace bmoe {
+namespace {
+
+constexpr float kMaxPoly = 8192.f;  // Cody-Waite reduction below stays within ~1 ulp up to here
+
+inline uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace
+
+// x86-64 Linux: one clone per vector width (picked once by the loader); identical results, as
+// every clone does the same IEEE operations in the same order (no contraction).
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define BMOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define BMOE_CLONES
+#endif
+
+BMOE_CLONES void sincos_block(const float* th, size_t n, float* c, float* s) {
+  // Integer masks and selects only, so that the loop has no control flow and vectorises.
+  uint32_t outside = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t xb = bits(th[i]), ab = xb & 0x7fffffffu;
+    outside |= ab > bits(kMaxPoly);  // also NaN/Inf: fixed below
+    const float ax = from_bits(ab > bits(kMaxPoly) ? 0u : ab);  // keeps the int conversion defined
+    int j = static_cast<int>(ax * 1.27323954473516f);  // 4/π
+    j = (j + 1) & ~1;
+    const float y = static_cast<float>(j);
+    const float r = ((ax - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
+    const float z = r * r;
+    const float pc = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+                     0.5f * z + 1.f;
+    const float ps = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+    const uint32_t swap = 0u - static_cast<uint32_t>((j >> 1) & 1);  // all ones where the polynomials swap
+    const uint32_t sin_neg = (static_cast<uint32_t>(j & 4) << 29) ^ (xb & 0x80000000u);
+    const uint32_t cos_neg = static_cast<uint32_t>(~(j - 2) & 4) << 29;
+    s[i] = from_bits(((bits(pc) & swap) | (bits(ps) & ~swap)) ^ sin_neg);
+    c[i] = from_bits(((bits(ps) & swap) | (bits(pc) & ~swap)) ^ cos_neg);
+  }
+  if (outside)
+    for (size_t i = 0; i < n; ++i)
+      if (!(std::fabs(th[i]) <= kMaxPoly)) c[i] = std::cos(th[i]), s[i] = std::sin(th[i]);
+}
+
+BMOE_CLONES void half_to_float_block(const uint16_t* h, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i) {  // exact widening, branch-free (no float subnormal arithmetic)
+    const uint32_t sign = static_cast<uint32_t>(h[i] & 0x8000u) << 16, exp = (h[i] >> 10) & 0x1fu, man = h[i] & 0x3ffu;
+    const float normal = from_bits(sign | ((exp + 112) << 23) | (man << 13));
+    const float special = from_bits(sign | 0x7f800000u | (man << 13));  // Inf / NaN
+    const float sub = static_cast<float>(man) * 5.9604644775390625e-8f;   // man · 2^-24, exact
+    const float subnormal = from_bits(bits(sub) | sign);
+    out[i] = exp == 0 ? subnormal : exp == 31 ? special : normal;
+  }
+}
+
+}  // namespace bmoe
