@@ -13,15 +13,16 @@ from bmoe_runtime.format.tokenizer import Tokenizer, hf_tokenizer
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def genai_files(cfg: dict, tokenizer: Tokenizer, model_file: str = "model.onnx",
-                ops_library: str = OPS_LIBRARY) -> dict[str, str]:
-    """File name → text for the export directory. cfg: the model's config (ModelConfig.to_dict())."""
+def genai_files(cfg: dict, tokenizer: Tokenizer, model_file: str = "model.onnx", ops_library: str = OPS_LIBRARY,
+                inputs: list[str] = ()) -> dict[str, str]:
+    """File name → text for the export directory. cfg: the model's config (ModelConfig.to_dict());
+    inputs: the graph's input names."""
     hf_json = tokenizer.hf_json()
     exported = hf_tokenizer(hf_json)  # what every runtime will read back: it must tokenize as training did
     probe = "ROMEO: héllo\n\tworld 日本 \0"
     if exported.encode(probe) != tokenizer.encode(probe) or exported.vocab_size != cfg["vocab_size"]:
         raise ValueError(f"the tokenizer's Hugging Face form does not match it (vocabulary {exported.vocab_size}, "
                          f"model {cfg['vocab_size']})")
-    config = genai_config(cfg, end_of_text_id(exported), model_file, ops_library)
+    config = genai_config(cfg, end_of_text_id(exported), model_file, ops_library, inputs)
     return {TOKENIZER_FILE: hf_json, TOKENIZER_CONFIG: json.dumps(tokenizer_config(cfg), indent=1),
             GENAI_CONFIG: json.dumps(config, indent=1)}

@@ -71,15 +71,19 @@ class ExportOptions:
 
 
 class DecodeStep(nn.Module):
-    """The LM as one incremental step: (ids, past KV) → (logits, present KV)."""
+    """The LM as one incremental step: (ids, attention mask, positions, past KV) → (logits, present KV).
+    attention_mask [B, P+T] (0 at padding) and position_ids [B, T] follow ONNX Runtime GenAI's decoder
+    inputs, so each row of a padded batch (pads hidden wherever they are) generates as it would alone;
+    bmoe's session fills them in for a caller that does not pad (runtime/session.py)."""
 
     def __init__(self, lm: MoELM):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: list[torch.Tensor]):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, present = self.lm(input_ids, pairs)
+        logits, present = self.lm(input_ids, pairs, attention_mask, position_ids)
         return logits, [t for kv in present for t in kv]
 
 
@@ -178,11 +182,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
     # Distinct example sizes keep every dynamic dim symbolic in the captured graph.
     batch, seq, past_len = 2, 3, 5
     ids = torch.zeros(batch, seq, dtype=torch.long)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    positions = torch.arange(past_len, past_len + seq).expand(batch, seq)
     past = [torch.zeros(batch, cfg.n_heads, past_len, d_head) for _ in range(2 * cfg.n_layers)]
     b, t, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    dynamic = {"input_ids": {0: b, 1: t}, "past": [{0: b, 2: p} for _ in past]}
+    dynamic = {"input_ids": {0: b, 1: t}, "attention_mask": {0: b, 1: torch.export.Dim("total")},
+               "position_ids": {0: b, 1: t}, "past": [{0: b, 2: p} for _ in past]}  # total: past + seq, derived by torch.export
     meta = {"kind": "lm", "config": cfg.to_dict(), "metrics": {k: v for k, v in ckpt["metrics"].items() if k != "history"},
             "tokenizer": "tokenizer.json", "kv_layout": "[batch, heads, positions, d_head]"}
-    extra = genai_files(cfg.to_dict(), tok)  # tokenizer.json (Hugging Face) + the ONNX Runtime GenAI files
-    return export_module(DecodeStep(model), (ids, past), out_dir, ["input_ids", *kv_names(cfg.n_layers, "past")],
+    inputs = ["input_ids", "attention_mask", "position_ids", *kv_names(cfg.n_layers, "past")]
+    extra = genai_files(cfg.to_dict(), tok, inputs=inputs)  # tokenizer.json (Hugging Face) + the GenAI files
+    return export_module(DecodeStep(model), (ids, mask, positions, past), out_dir, inputs,
                          ["logits", *kv_names(cfg.n_layers, "present")], dynamic, options, meta, extra, force)

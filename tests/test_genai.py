@@ -239,3 +239,51 @@ def test_export_without_genai_files_runs_in_bmoes_loop(d):
     new = bmoe_run(str(default_model_dir()), "-n", "24", "--temperature", "0")
     assert r.stdout == new.stdout
     one_line_error(d, "needs the export's genai_config.json", "--engine", "genai")
+
+
+def test_genai_padded_batch_gives_each_row_its_own_tokens(bpe_export):
+    """Two prompts of different lengths in one GenAI batch, padded by GenAI's tokenizer (encode_batch: pad
+    tokens after the shorter prompt, GenAI's convention): GenAI feeds attention_mask and position_ids, and each
+    row generates what it generates alone in the Numba runtime. Unmasked (the pads read as tokens), the padded
+    row would continue differently."""
+    assert {"attention_mask", "position_ids"} <= set(read_manifest(bpe_export)["inputs"])
+    genai, ref = GenAIGenerator(bpe_export, threads=1), numba_generator(bpe_export)
+    prompts, n, pad = ["ROMEO: soft", "It is the east, and Juliet"], 8, genai.eos_id  # genai_config's pad_token_id
+    ids = [ref.tokenizer.encode(p) for p in prompts]
+    alone = [list(ref.tokens(i, n, eos="suppress")) for i in ids]
+    batch = og.Tokenizer(genai.model).encode_batch(prompts).as_numpy()
+    width = batch.shape[1]
+    assert [list(r) for r in batch] == [ids[0] + [pad] * (width - len(ids[0])), ids[1]]  # padded, not equal lengths
+    params = og.GeneratorParams(genai.model)
+    params.set_search_options(max_length=width + n, min_length=width + n, batch_size=2, do_sample=False)
+    generator = og.Generator(genai.model, params)
+    generator.append_tokens(batch)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert [[int(t) for t in generator.get_sequence(r)][width:] for r in range(2)] == alone
+    assert list(ref.tokens([int(t) for t in batch[0]], n, eos="suppress")) != alone[0]
+
+
+@pytest.mark.parametrize("backend", ["numba", "ort"])
+def test_left_padded_batch_in_bmoes_session_gives_each_row_its_own_tokens(bpe_export, backend):
+    """The graph's padding inputs in bmoe's own session: a batch of 2, the shorter prompt left-padded (mask 0,
+    positions counting only real tokens), generates per row the tokens of that prompt alone."""
+    ref = numba_generator(bpe_export)
+    sess = ModelSession(bpe_export, backend)
+    ids = [ref.tokenizer.encode(p) for p in ("ROMEO: soft", "It is the east, and Juliet")]
+    n, width = 6, max(map(len, ids))
+    alone = [list(ref.tokens(i, n, eos="suppress")) for i in ids]
+    pads = [width - len(i) for i in ids]
+    tokens = np.array([[ref.eos_id] * k + i for k, i in zip(pads, ids)], np.int64)
+    mask = np.array([[0] * k + [1] * len(i) for k, i in zip(pads, ids)], np.int64)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    past, out = ref.empty_cache(2), []
+    names = [f"past_{kind}_{i}" for i in range(ref.n_layers) for kind in ("key", "value")]
+    for _ in range(n):
+        result = sess.run({"input_ids": tokens, "attention_mask": mask, "position_ids": positions, **dict(zip(names, past))})
+        past = [result[name.replace("past", "present", 1)] for name in names]
+        tokens = result["logits"][:, -1].argmax(axis=1)[:, None].astype(np.int64)
+        out.append(tokens[:, 0].tolist())
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+    assert [list(col) for col in zip(*out)] == alone

@@ -27,6 +27,7 @@ from bmoe_runtime.format.untrusted import parse_json
 GENAI_CONFIG, TOKENIZER_CONFIG = "genai_config.json", "tokenizer_config.json"
 OPS_LIBRARY = "libbmoe_ops.so"  # the soname of custom_ops/'s library (backends/ort_ops.LIB_NAME)
 END_OF_TEXT = "\0"
+PADDING_INPUTS = ("attention_mask", "position_ids")  # GenAI's names; exports before them have neither
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -38,8 +39,11 @@ def end_of_text_id(tokenizer) -> int:
     return ids[0]
 
 
-def genai_config(cfg: dict, eos_id: int, model_file: str = "model.onnx", ops_library: str = OPS_LIBRARY) -> dict:
-    """The GenAI config of a bmoe LM export with manifest config `cfg`."""
+def genai_config(cfg: dict, eos_id: int, model_file: str = "model.onnx", ops_library: str = OPS_LIBRARY,
+                 inputs: list[str] = ()) -> dict:
+    """The GenAI config of a bmoe LM export with manifest config `cfg` and graph inputs `inputs` (the
+    padding inputs attention_mask and position_ids are named where the graph has them)."""
+    padding = {name: name for name in PADDING_INPUTS if name in inputs}
     return {
         "model": {
             "type": "llama",  # decoder-only with per-layer past_key/past_value ("gpt2" wants them combined)
@@ -54,7 +58,7 @@ def genai_config(cfg: dict, eos_id: int, model_file: str = "model.onnx", ops_lib
                 "num_attention_heads": cfg["n_heads"],
                 "num_key_value_heads": cfg["n_heads"],
                 "num_hidden_layers": cfg["n_layers"],
-                "inputs": {"input_ids": "input_ids", "past_key_names": "past_key_%d",
+                "inputs": {"input_ids": "input_ids", **padding, "past_key_names": "past_key_%d",
                            "past_value_names": "past_value_%d"},
                 "outputs": {"logits": "logits", "present_key_names": "present_key_%d",
                             "present_value_names": "present_value_%d"},
@@ -91,7 +95,7 @@ def check_genai_files(model_dir: str | Path, manifest: dict, eos_id: int) -> dic
     configs = {name: parse_json(read_verified(model_dir, manifest, name, MAX_CONFIG_BYTES), f"{model_dir}: {name}")
                for name in (GENAI_CONFIG, TOKENIZER_CONFIG)}
     got = configs[GENAI_CONFIG]
-    want = genai_config(manifest["config"], eos_id, manifest["model"])
+    want = genai_config(manifest["config"], eos_id, manifest["model"], inputs=manifest.get("inputs", ()))
     del want["model"]["decoder"]["session_options"]  # where the library is found is the app's business
     problem = _first_difference(want["model"], got.get("model") if isinstance(got, dict) else None, "model")
     if problem is None:

@@ -77,8 +77,9 @@ class CausalSelfAttention(nn.Module):
             self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
             self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """key_mask [B, P+T] bool: False at padding, which no other position attends to."""
         b, t, d = x.shape
         # 2-D projections export as Gemm on the named weights (no folded transposed copies)
         q, k, v = self.qkv(x.reshape(b * t, d)).reshape(b, t, 3 * d).split(d, dim=2)
@@ -86,12 +87,15 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
-        if past is None:  # training and prefill: the fused (flash) causal kernel
+        if past is None and key_mask is None:  # training and prefill: the fused (flash) causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             p = k.shape[2] - t  # cached positions before this chunk
             # query i sits at absolute position p + i and may see keys 0 .. p + i
-            mask = torch.arange(p + t, device=x.device)[None, :] <= (p + torch.arange(t, device=x.device))[:, None]
+            keys, queries = torch.arange(p + t, device=x.device)[None, :], p + torch.arange(t, device=x.device)[:, None]
+            mask = keys <= queries
+            if key_mask is not None:  # padding hidden; a query always sees itself, so a padding row has no NaN
+                mask = (mask[None] & (key_mask[:, None, :] | (keys == queries)[None]))[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.out(y.reshape(b * t, d)).reshape(b, t, d), (k, v)
@@ -108,8 +112,9 @@ class Block(nn.Module):
         if cfg.ternary_proj:  # same parameter shape and name as the fp32 projection it replaces
             self.moe.proj = TernaryLinear(cfg.d_ff, cfg.d_model, cfg.per_row_scale)
 
-    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
-        a, present = self.attn(self.ln_attn(x), past)
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                key_mask: torch.Tensor | None = None):
+        a, present = self.attn(self.ln_attn(x), past, key_mask)
         x = x + a
         x = x + self.moe(self.ln_moe(x))
         return x, present
@@ -126,15 +131,19 @@ class MoELM(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
-    def forward(self, ids: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """ids [B, T] → logits [B, T, V] and the KV cache including these T positions."""
+    def forward(self, ids: torch.Tensor, past: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """ids [B, T] → logits [B, T, V] and the KV cache including these T positions. For padded batches
+        (ONNX Runtime GenAI's convention): attention_mask [B, P+T], 0 at padding; position_ids [B, T]."""
         t = ids.shape[1]
-        start = 0 if past is None else past[0][0].shape[2]
-        pos = torch.arange(start, start + t, device=ids.device)
-        x = self.tok_emb(ids) + self.pos_emb(pos)[None]
+        if position_ids is None:
+            start = 0 if past is None else past[0][0].shape[2]
+            position_ids = torch.arange(start, start + t, device=ids.device)[None]
+        x = self.tok_emb(ids) + self.pos_emb(position_ids)
+        key_mask = None if attention_mask is None else attention_mask != 0
         present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if past is None else past[i])
+            x, kv = block(x, None if past is None else past[i], key_mask)
             present.append(kv)
         logits = self.ln_f(x) @ self.tok_emb.weight.T  # tied embeddings
         return logits, present

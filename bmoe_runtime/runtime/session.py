@@ -23,6 +23,7 @@ from bmoe_runtime.backends import contrib_ops, numba_ops
 from bmoe_runtime.format import op_schemas
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.format import untrusted
+from bmoe_runtime.format.genai_config import PADDING_INPUTS
 from bmoe_runtime.format.manifest import read_manifest, read_verified
 from bmoe_runtime.runtime.planned_dir import check_streamed_graph, streamed_slots
 
@@ -127,7 +128,10 @@ class ModelSession:
         threads = min(threads, available_cores()) if threads else threads  # more only oversubscribe (and stall)
         path = str(self.dir / self.manifest["model"])
         proto = self._load_graph(verify)
-        self.inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+        graph_inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+        # attention_mask/position_ids (GenAI's padding inputs) are optional here: run() fills them in unpadded
+        self.padding_inputs = {n: t for n, t in graph_inputs.items() if n in PADDING_INPUTS}
+        self.inputs = {n: t for n, t in graph_inputs.items() if n not in PADDING_INPUTS}
         self.output_names = [o.name for o in proto.graph.output]
         streamed = None
         if lookahead and angle_cache_slots is None:
@@ -222,13 +226,29 @@ class ModelSession:
         except numba_ops.OpError as exc:  # a streamed node's angle_file cannot be opened
             raise BmoeError(str(exc)) from None
 
+    def with_padding_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """feeds plus the graph's attention_mask (all ones) and position_ids (after the past) where the caller
+        gave neither: an unpadded batch, as graphs without those inputs run it."""
+        given = set(self.padding_inputs) & set(feeds)
+        if given:
+            if given != set(self.padding_inputs):
+                raise BmoeError(f"give the model's {' and '.join(self.padding_inputs)} together, or neither")
+            return feeds
+        if not self.padding_inputs:
+            return feeds
+        b, t, p = feeds["input_ids"].shape[0], feeds["input_ids"].shape[1], feeds["past_key_0"].shape[2]
+        defaults = {"attention_mask": np.ones((b, p + t), np.int64),
+                    "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64), (b, t)).copy()}
+        return {**feeds, **{n: defaults[n] for n in self.padding_inputs}}
+
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         """Names, dtypes and ranks against the graph's inputs, before anything runs."""
-        missing = set(self.inputs) - set(feeds)
-        extra = set(feeds) - set(self.inputs)
+        inputs = {**self.inputs, **{n: t for n, t in self.padding_inputs.items() if n in feeds}}
+        missing = set(inputs) - set(feeds)
+        extra = set(feeds) - set(inputs)
         if missing or extra:
             raise BmoeError(f"inputs do not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}")
-        for name, t in self.inputs.items():
+        for name, t in inputs.items():
             v = feeds[name]
             want = _NP_DTYPES.get(t.elem_type)
             if not isinstance(v, np.ndarray) or (want is not None and v.dtype != want):
@@ -243,6 +263,7 @@ class ModelSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_feeds(feeds)
+        feeds = self.with_padding_inputs(feeds)
         try:
             if self._lock is None:
                 values = self._impl.run(None, feeds)
