@@ -187,7 +187,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
     past = [torch.zeros(batch, cfg.n_heads, past_len, d_head) for _ in range(2 * cfg.n_layers)]
     b, t, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     dynamic = {"input_ids": {0: b, 1: t}, "attention_mask": {0: b, 1: torch.export.Dim("total")},
-               "position_ids": {0: b, 1: t}, "past": [{0: b, 2: p} for _ in past]}  # total: past + seq, derived by torch.export
+               "position_ids": {0: b, 1: t}, "past": [{0: b, 2: p} for _ in past]}  # total = past + seq (derived)
     meta = {"kind": "lm", "config": cfg.to_dict(), "metrics": {k: v for k, v in ckpt["metrics"].items() if k != "history"},
             "tokenizer": "tokenizer.json", "kv_layout": "[batch, heads, positions, d_head]"}
     inputs = ["input_ids", "attention_mask", "position_ids", *kv_names(cfg.n_layers, "past")]
