@@ -1,0 +1,291 @@
+"""TernaryMatMul decode (M=1) at the memory wall: weight bytes per second with the weights NOT in cache,
+against a streaming read measured in the same run and against ONNX Runtime's fp32 MatMul and
+com.microsoft::MatMulNBits 4-bit; plus prefill (M=128, 4096×4096) against fp32 MatMul.
+
+Weights not in cache: every implementation runs a graph of R nodes with R distinct weight matrices whose total is
+at least --llc-factor × the last-level cache (read from sysfs); one session run streams each matrix once, so every
+node reads its weights from DRAM. Time per matmul = run time / R. Streaming read: T Python threads each taking
+np.max of its slice of one large float32 array (a SIMD reduction that releases the GIL; faster than np.sum's
+pairwise summation), the same T as the sessions' intra-op threads.
+Medians of --reps runs with the min-max spread; the CPU, the LLC and the threads are printed.
+
+Needs only numpy and onnxruntime (the ONNX models are written by a small protobuf encoder below, so the `onnx`
+package is not needed) and libbmoe_ops.so: $BMOE_OPS_LIB, else the installed bmoe_runtime's library.
+
+    BMOE_OPS_LIB=build/libbmoe_ops.so python3 benchmarks/bench_decode_bandwidth.py [--threads 1,2,4,8]
+        [--shapes 14336x4096,4096x4096] [--reps 15] [--out runs/bench/decode_bandwidth.md] [--quick]
+
+Writes a markdown table to stdout and --out (default runs/bench/decode_bandwidth/<host>.md); never into docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------------ a minimal ONNX protobuf writer
+
+FLOAT, UINT8 = 1, 2  # TensorProto.DataType
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, v = v & 0x7F, v >> 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _field(num: int, value) -> bytes:
+    """One protobuf field: int → varint, bytes/str → length-delimited."""
+    if isinstance(value, int):
+        return _varint(num << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(num << 3 | 2) + _varint(len(data)) + data
+
+
+def _tensor(name: str, arr: np.ndarray) -> bytes:
+    code = {np.float32: FLOAT, np.uint8: UINT8}[arr.dtype.type]
+    return b"".join(_field(1, d) for d in arr.shape) + _field(2, code) + _field(8, name) + \
+        _field(9, np.ascontiguousarray(arr).tobytes())
+
+
+def _value_info(name: str, elem: int = FLOAT) -> bytes:
+    return _field(1, name) + _field(2, _field(1, _field(1, elem)))  # name, TypeProto{tensor_type{elem_type}}
+
+
+def _attr(name: str, value) -> bytes:
+    if isinstance(value, int):
+        return _field(1, name) + _field(3, value) + _field(20, 2)  # i, type INT
+    return _field(1, name) + _field(4, value) + _field(20, 3)  # s, type STRING
+
+
+def _node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> bytes:
+    return b"".join(_field(1, i) for i in inputs) + b"".join(_field(2, o) for o in outputs) + _field(4, op) + \
+        b"".join(_field(5, _attr(k, v)) for k, v in attrs.items()) + (_field(7, domain) if domain else b"")
+
+
+def model_bytes(nodes: list[bytes], inits: dict[str, np.ndarray], outputs: list[str]) -> bytes:
+    graph = b"".join(_field(1, n) for n in nodes) + _field(2, "bench") + \
+        b"".join(_field(5, _tensor(k, v)) for k, v in inits.items()) + _field(11, _value_info("A")) + \
+        b"".join(_field(12, _value_info(o)) for o in outputs)
+    opsets = b"".join(_field(8, _field(1, d) + _field(2, v)) for d, v in (("", 17), ("ai.bmoe", 1),
+                                                                           ("com.microsoft", 1)))
+    return _field(1, 8) + opsets + _field(7, graph)  # ir_version 8
+
+
+# ------------------------------------------------------------------------------- environment
+
+def ops_library() -> str:
+    env = os.environ.get("BMOE_OPS_LIB")
+    if env:
+        return env
+    sys.path.insert(0, str(REPO))
+    from bmoe_runtime.backends import ort_ops  # noqa: E402
+
+    path = ort_ops.library_path()
+    if path is None:
+        sys.exit("libbmoe_ops.so not found: build it (cmake -S custom_ops -B build) and set BMOE_OPS_LIB")
+    return str(path)
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def llc_bytes() -> int:
+    """Largest cache of cpu0 by sysfs (the LLC); 32 MiB if unknown."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (d / "size").read_text().strip()
+            best = max(best, int(size[:-1]) * {"K": 1024, "M": 1 << 20}[size[-1]] if size[-1] in "KM" else int(size))
+        except (OSError, ValueError):
+            continue
+    return best or 32 << 20
+
+
+# ----------------------------------------------------------------------------------- weights
+
+def pack_2bit(trits: np.ndarray) -> np.ndarray:
+    """docs/ops.md '2bit': codes 00 → 0, 01 → +1, 10 → −1; trit k at bits 2(k & 3) of byte k >> 2."""
+    n, k = trits.shape
+    codes = np.where(trits > 0, 1, np.where(trits < 0, 2, 0)).astype(np.uint8)
+    codes = np.pad(codes, ((0, 0), (0, -k % 4))).reshape(n, -1, 4)
+    return (codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6).astype(np.uint8)
+
+
+def read_bytes(impl: str, k: int, n: int) -> int:
+    """Weight bytes one M=1 product streams."""
+    if impl == "ternary":  # exact M ≤ 4 reads the LUT-repacked weights (ternary.h): 4 B per 18 trits, 16-row groups
+        return (n + 15) // 16 * 16 * (-(-k // 18)) * 4
+    if impl == "ternary_aq":  # the 2-bit rows
+        return n * (-(-k // 4))
+    if impl == "fp32":
+        return 4 * k * n
+    return n * (-(-k // 32)) * (16 + 4)  # MatMulNBits 4-bit: 16 B of codes and a float32 scale per block of 32
+
+
+def impl_model(impl: str, k: int, n: int, r: int, rng) -> bytes:
+    """R nodes of `impl` reading A, each with its own weights (rows rotated: distinct contents, nothing shared)."""
+    nodes, inits = [], {}
+    if impl.startswith("ternary"):
+        w = pack_2bit(rng.integers(-1, 2, (n, k)).astype(np.int8))
+        inits |= {f"W{i}": np.roll(w, i, 0) for i in range(r)}
+        inits |= {f"s{i}": rng.random(n).astype(np.float32) for i in range(r)}
+        nodes = [_node("TernaryMatMul", ["A", f"W{i}", f"s{i}"], [f"Y{i}"], "ai.bmoe", K=k,
+                       act_quant=int(impl == "ternary_aq")) for i in range(r)]
+    elif impl == "fp32":
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        inits |= {f"B{i}": np.roll(b, i, 0) for i in range(r)}
+        nodes = [_node("MatMul", ["A", f"B{i}"], [f"Y{i}"]) for i in range(r)]
+    else:  # MatMulNBits 4-bit, block 32, accuracy_level 4 (int8 activations: ORT's fast path)
+        blocks = -(-k // 32)
+        b = rng.integers(0, 256, (n, blocks, 16), dtype=np.uint8)
+        inits |= {f"B{i}": np.roll(b, i, 0) for i in range(r)}
+        inits |= {f"c{i}": (rng.random(n * blocks) * 0.01).astype(np.float32) for i in range(r)}
+        nodes = [_node("MatMulNBits", ["A", f"B{i}", f"c{i}"], [f"Y{i}"], "com.microsoft", K=k, N=n, bits=4,
+                       block_size=32, accuracy_level=4) for i in range(r)]
+    return model_bytes(nodes, inits, [f"Y{i}" for i in range(r)])
+
+
+def session(model: bytes, threads: int, lib: str) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.register_custom_ops_library(lib)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def timed(fn, reps: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def stream_read_gbs(buf: np.ndarray, threads: int, reps: int) -> list[float]:
+    """GB/s of T threads each reducing its own slice of `buf` with np.max (numpy releases the GIL)."""
+    parts = np.array_split(buf, threads)
+
+    def run():
+        ts = [threading.Thread(target=np.max, args=(p,)) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    return [buf.nbytes / t / 1e9 for t in timed(run, reps)]
+
+
+def fmt(values: list[float], scale: float = 1.0) -> str:
+    v = sorted(x * scale for x in values)
+    return f"{statistics.median(v):.1f} ({v[0]:.1f}–{v[-1]:.1f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="1,2,4,8", help="intra-op thread counts (capped at the CPUs)")
+    ap.add_argument("--shapes", default="14336x4096,4096x4096", help="K×N of the decode matmuls")
+    ap.add_argument("--impls", default="ternary,ternary_aq,fp32,nbits4")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--llc-factor", type=float, default=2.0, help="weight set size per implementation, × the LLC")
+    ap.add_argument("--min-set-mib", type=float, default=256)
+    ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    lib = ops_library()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = [t for t in (int(x) for x in args.threads.split(",")) if t <= cpus]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    impls = args.impls.split(",")
+    llc = llc_bytes()
+    set_bytes = max(args.llc_factor * llc, args.min_set_mib * 2**20)
+    rng = np.random.default_rng(0)
+    head = [f"# TernaryMatMul decode bandwidth — {cpu_model()}",
+            f"{cpus} CPUs available, LLC {llc / 2**20:.0f} MiB, weight set per implementation ≥ "
+            f"{set_bytes / 2**20:.0f} MiB; onnxruntime {ort.__version__}; library {lib}; "
+            f"BMOE_KERNEL={os.environ.get('BMOE_KERNEL', '(auto)')}; {args.reps} runs each, median (min–max)", ""]
+    print("\n".join(head), flush=True)
+
+    big = np.ones(int(max(set_bytes, 512 * 2**20)) // 4, np.float32)  # streaming-read buffer
+    read = {t: stream_read_gbs(big, t, args.reps) for t in threads}
+    del big
+    for t in threads:
+        print(f"streaming read, {t} threads: {fmt(read[t])} GB/s", flush=True)
+
+    lines = ["| K×N | threads | stream read GB/s | " + " | ".join(
+        f"{i} µs | {i} GB/s | {i} % of read" for i in impls) + " |",
+        "|---|---|---|" + "---|---|---|" * len(impls)]
+    for k, n in shapes:
+        res: dict[tuple[str, int], tuple[list[float], int]] = {}
+        for impl in impls:
+            per_read = read_bytes(impl, k, n)
+            r = max(2, int(-(-set_bytes // per_read)))
+            model = impl_model(impl, k, n, r, rng)
+            a = {"A": rng.standard_normal((1, k)).astype(np.float32)}
+            for t in threads:
+                sess = session(model, t, lib)
+                times = timed(lambda: sess.run(None, a), args.reps)
+                res[impl, t] = ([x / r for x in times], per_read)
+                print(f"{k}x{n} {impl} R={r} threads={t}: {statistics.median(times) / r * 1e6:.1f} µs/matmul, "
+                      f"{per_read / (statistics.median(times) / r) / 1e9:.1f} GB/s", flush=True)
+                del sess
+            del model
+        for t in threads:
+            cells = []
+            read_med = statistics.median(read[t])
+            for impl in impls:
+                times, per = res[impl, t]
+                gbs = [per / x / 1e9 for x in times]
+                cells.append(f"{fmt(times, 1e6)} | {fmt(gbs)} | {100 * statistics.median(gbs) / read_med:.0f}%")
+            lines.append(f"| {k}×{n} | {t} | {fmt(read[t])} | " + " | ".join(cells) + " |")
+
+    if not args.no_prefill:  # compute-bound: one weight, in cache
+        k = n = 4096
+        lines += ["", "Prefill M=128, 4096×4096 (weights in cache): ms, median (min–max)", "",
+                  "| threads | fp32 MatMul | TernaryMatMul exact | vs fp32 | TernaryMatMul act_quant | vs fp32 |",
+                  "|---|---|---|---|---|---|"]
+        a = {"A": rng.standard_normal((128, k)).astype(np.float32)}
+        models = {impl: impl_model(impl, k, n, 1, rng) for impl in ("fp32", "ternary", "ternary_aq")}
+        for t in threads:
+            ms = {i: timed(lambda s=session(m, t, lib): s.run(None, a), args.reps) for i, m in models.items()}
+            med = {i: statistics.median(v) for i, v in ms.items()}
+            lines.append(f"| {t} | {fmt(ms['fp32'], 1e3)} | {fmt(ms['ternary'], 1e3)} | "
+                         f"{med['fp32'] / med['ternary']:.2f}× | {fmt(ms['ternary_aq'], 1e3)} | "
+                         f"{med['fp32'] / med['ternary_aq']:.2f}× |")
+
+    text = "\n".join(head + lines) + "\n"
+    print("\n" + "\n".join(lines))
+    out = args.out or REPO / "runs" / "bench" / "decode_bandwidth" / f"{platform.node() or 'host'}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
