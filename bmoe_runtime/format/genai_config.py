@@ -2,7 +2,8 @@
 
 The exporter writes them from the model's config (exporters/genai.py); every runtime checks them
 against manifest.json before trusting them (check_genai_files). GenAI drives the graph as its
-decoder-only "llama" type: input_ids and a separate past_key_%d / past_value_%d per layer in,
+decoder-only "llama" type: input_ids (with attention_mask and position_ids in exports that have them, for
+padded batches) and a separate past_key_%d / past_value_%d per layer in,
 logits and present_key_%d / present_value_%d out, [batch, heads, positions, d_head] (docs/ops.md).
 
 The op library is named, never located: "custom_ops_library" is the bare file name, which GenAI
