@@ -12,6 +12,10 @@ class BmoeError(ValueError):
     """Bad input found by bmoe itself (a model directory, a device profile, a run setting)."""
 
 
+class OpError(ValueError):
+    """An ai.bmoe op (the Numba reference kernels) rejected its inputs."""
+
+
 class CheckpointError(ValueError):
     """A file that is not a usable bmoe checkpoint."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bmoe_runtime.backends.numba_ops import OpError
+from bmoe_runtime.errors import OpError
 
 DOMAIN = "com.microsoft"
 

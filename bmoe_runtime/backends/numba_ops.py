@@ -21,11 +21,8 @@ import numpy as np
 from numba import njit, prange
 
 from bmoe_runtime.format.butterfly_layout import active_mask, angle_shape, n_stages, padded_size
+from bmoe_runtime.errors import OpError  # noqa: F401  (raised here; numba_ops.OpError is public)
 from bmoe_runtime.format.packing import TRITS_PER_BYTE, packed_cols
-
-
-class OpError(ValueError):
-    """An ai.bmoe op rejected its inputs."""
 
 
 def _lut(packing: str) -> tuple[np.ndarray, np.ndarray]:
