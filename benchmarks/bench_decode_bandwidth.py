@@ -136,6 +136,7 @@ def pack_2bit(trits: np.ndarray) -> np.ndarray:
 
 def read_bytes(impl: str, k: int, n: int) -> int:
     """Weight bytes one M=1 product streams."""
+    impl = impl.split("@")[0]
     if impl == "ternary":  # exact M ≤ 4 reads the LUT-repacked weights (ternary.h): 4 B per 18 trits, 16-row groups
         return (n + 15) // 16 * 16 * (-(-k // 18)) * 4
     if impl == "ternary_aq":  # the 2-bit rows
@@ -146,6 +147,7 @@ def read_bytes(impl: str, k: int, n: int) -> int:
 
 
 def impl_model(impl: str, k: int, n: int, r: int, rng) -> bytes:
+    impl = impl.split("@")[0]
     """R nodes of `impl` reading A, each with its own weights (rows rotated: distinct contents, nothing shared)."""
     nodes, inits = [], {}
     if impl.startswith("ternary"):
@@ -168,7 +170,20 @@ def impl_model(impl: str, k: int, n: int, r: int, rng) -> bytes:
     return model_bytes(nodes, inits, [f"Y{i}" for i in range(r)])
 
 
-def session(model: bytes, threads: int, lib: str) -> ort.InferenceSession:
+def session(model: bytes, threads: int, lib: str, variant: str = "") -> ort.InferenceSession:
+    """A session on `threads` intra-op threads; `variant` forces the ops' kernel variant (BMOE_KERNEL is read by
+    the library when the session creates its kernels)."""
+    prev = os.environ.get("BMOE_KERNEL")
+    if variant:
+        os.environ["BMOE_KERNEL"] = variant
+    try:
+        return _session(model, threads, lib)
+    finally:
+        if variant:
+            os.environ.pop("BMOE_KERNEL") if prev is None else os.environ.__setitem__("BMOE_KERNEL", prev)
+
+
+def _session(model: bytes, threads: int, lib: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -210,7 +225,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2,4,8", help="intra-op thread counts (capped at the CPUs)")
     ap.add_argument("--shapes", default="14336x4096,4096x4096", help="K×N of the decode matmuls")
-    ap.add_argument("--impls", default="ternary,ternary_aq,fp32,nbits4")
+    ap.add_argument("--impls", default="ternary,ternary_aq,fp32,nbits4",
+                    help="ternary (exact), ternary_aq (act_quant=1), fp32 (MatMul), nbits4 (MatMulNBits); "
+                         "ternary@avx2 etc. force a kernel variant (BMOE_KERNEL) for that column")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--llc-factor", type=float, default=2.0, help="weight set size per implementation, × the LLC")
     ap.add_argument("--min-set-mib", type=float, default=256)
@@ -248,8 +265,9 @@ def main() -> None:
             r = max(2, int(-(-set_bytes // per_read)))
             model = impl_model(impl, k, n, r, rng)
             a = {"A": rng.standard_normal((1, k)).astype(np.float32)}
+            variant = impl.partition("@")[2]
             for t in threads:
-                sess = session(model, t, lib)
+                sess = session(model, t, lib, variant)
                 times = timed(lambda: sess.run(None, a), args.reps)
                 res[impl, t] = ([x / r for x in times], per_read)
                 print(f"{k}x{n} {impl} R={r} threads={t}: {statistics.median(times) / r * 1e6:.1f} µs/matmul, "
