@@ -172,3 +172,16 @@ def test_genai_app_without_the_model_dir_entry_gets_the_op_librarys_error(planne
     preload_op_library()  # as an app loads libbmoe_ops before GenAI looks for it
     with pytest.raises(RuntimeError, match="bmoe.model_dir"):
         og.Model(og.Config(str(planned)))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["cache_slots"].__setitem__("lm.blocks.0.attn.qkv.weight", 2), "is not an angle table"),
+    (lambda s: s["cache_slots"].__setitem__(next(iter(s["cache_slots"])), 17), "caches more than its experts"),
+    (lambda s: s.pop("cache_slots"), "'cache_slots' is a required property"),
+])
+def test_a_malformed_streamed_field_is_one_line(copy_of, edit, message):
+    m = manifest(copy_of)
+    edit(m["streamed"])
+    write_manifest(copy_of, m)
+    r = bmoe("bmoe-run", str(copy_of), "-n", "4")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
