@@ -399,9 +399,11 @@ def devices_cli():
               "with its angles streamed from angles.bin through the plan's cache, in the graph itself (for ONNX "
               "Runtime GenAI and native apps; docs/embedding.md). Absent or empty, or a bmoe export with --force.")
 @click.option("--force", is_flag=True, help="With --write: replace the bmoe export already there.")
+@click.option("--lookahead", is_flag=True, help="With --write: also prefetch the next layer's experts predicted by "
+              "its router (AnglePrefetch nodes in the graph).")
 @user_errors
 def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, overhead_mb, json_path, write_dir,
-             force):
+             force, lookahead):
     """Plan memory for running MODEL_DIR on a device (default model: the bundled one)."""
     import json
 
@@ -422,6 +424,8 @@ def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, ove
     budget = int(budget_mb * MIB) if budget_mb else None
     overhead = (int(overhead_mb * MIB), "given: --overhead-mb") if overhead_mb else None
     manifest = read_manifest(model_dir, verify=True)
+    if lookahead and not write_dir:
+        raise BmoeError("--lookahead is written into the graph: use it with --write")
     if write_dir and planned_cache(manifest) is not None:
         raise BmoeError(f"{model_dir} is already a planned directory: plan the export it was written from")
     settings = Settings(backend, context, None, batch, runtime=runtime)
@@ -441,7 +445,7 @@ def plan_cli(model_dir, device, budget_mb, context, batch, backend, runtime, ove
     if write_dir:
         out = write_planned(model_dir, write_dir, plan.cache_experts,
                             {"device": dev.name, "runtime": runtime, "budget_bytes": plan.budget_bytes,
-                             "planned_peak_bytes": plan.peak_bytes}, force)
+                             "planned_peak_bytes": plan.peak_bytes}, force, lookahead)
         click.echo(f"wrote {out}: angles stream from angles.bin, {plan.cache_experts}/{plan.n_experts} experts a "
                    "layer cached (run it with bmoe-run, ONNX Runtime GenAI or a native app: docs/embedding.md)")
 

@@ -185,3 +185,18 @@ def test_a_malformed_streamed_field_is_one_line(copy_of, edit, message):
     write_manifest(copy_of, m)
     r = bmoe("bmoe-run", str(copy_of), "-n", "4")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_planned_directory_with_router_lookahead(tmp_path):
+    """--lookahead writes the AnglePrefetch nodes too: GenAI and bmoe's loop prefetch alike, tokens unchanged."""
+    planned = write_planned(default_model_dir(), tmp_path / "la", CACHE, PLAN, lookahead=True)
+    assert read_manifest(planned)["streamed"]["lookahead"] is True
+    graph = onnx.load(str(planned / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "AnglePrefetch" for n in graph.graph.node) == 2 * 3  # θ and φ of layers 1..3
+    want = tokens(Generator(ModelSession(default_model_dir(), "numba")))
+    counters = []
+    for make in (lambda: GenAIGenerator(planned, threads=1), lambda: Generator(ModelSession(planned, "ort"))):
+        streaming.reset("ort")
+        assert tokens(make()) == want
+        counters.append(streaming.cache_stats("ort"))
+    assert counters[0] == counters[1] and counters[0]["prefetches"] > 0 and counters[0]["prefetch_hits"] > 0

@@ -101,6 +101,7 @@ SCHEMA = {
                 "cache_slots": {"type": "object", "minProperties": 1, "maxProperties": 1 << 16,
                                 "propertyNames": {"maxLength": 1024}, "additionalProperties": _int(1, 1 << 16)},
                 "device": _TEXT, "runtime": _TEXT, "budget_bytes": _BYTES, "planned_peak_bytes": _BYTES,
+                "lookahead": {"type": "boolean"},
             },
         },
     },

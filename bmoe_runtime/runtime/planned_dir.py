@@ -62,10 +62,12 @@ def check_streamed_graph(model: onnx.ModelProto, manifest: dict, where: str) -> 
         raise BmoeError(f"{where}: no streamed node reads angle table {sorted(set(slots) - used)[0][:80]!r}")
 
 
-def write_planned(src: str | Path, out: str | Path, cache_experts: int, plan: dict, force: bool = False) -> Path:
+def write_planned(src: str | Path, out: str | Path, cache_experts: int, plan: dict, force: bool = False,
+                  lookahead: bool = False) -> Path:
     """Write OUT: SRC (an export) with every angle table streamed through a cache of `cache_experts`
     experts (clamped to each table's experts). `plan`: device, runtime, budget_bytes, planned_peak_bytes
-    (recorded in the manifest). OUT: absent, empty, or (with force) a bmoe export; staged, renamed at the end."""
+    (recorded in the manifest). lookahead: also the router look-ahead's AnglePrefetch nodes
+    (streaming.add_lookahead). OUT: absent, empty, or (with force) a bmoe export; staged, renamed at the end."""
     src, out = Path(src), Path(out)
     manifest = read_manifest(src, verify="sha256")
     if PLAN_FIELD in manifest:
@@ -80,7 +82,7 @@ def write_planned(src: str | Path, out: str | Path, cache_experts: int, plan: di
     model_file = manifest["model"]
     graph = onnx.load_from_string(read_verified(src, manifest, model_file, MAX_GRAPH_BYTES))
     tables = [t["tensor"] for t in manifest["angle_tables"]]
-    stream_angles(graph, src, manifest, cache_experts)
+    stream_angles(graph, src, manifest, cache_experts, lookahead=lookahead)
     left = {t.name for t in graph.graph.initializer}
     slots = {t["tensor"]: min(cache_experts, t["experts"]) for t in manifest["angle_tables"] if t["tensor"] not in left}
     if set(slots) != set(tables):  # an angle table read by something else than a ButterflyRotate
@@ -94,7 +96,7 @@ def write_planned(src: str | Path, out: str | Path, cache_experts: int, plan: di
         (tmp / model_file).write_bytes(data)
         files[model_file] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         planned = {**manifest, "files": dict(sorted(files.items())),
-                   PLAN_FIELD: {"cache_slots": slots, **plan}}
+                   PLAN_FIELD: {"cache_slots": slots, "lookahead": lookahead, **plan}}
         schema.check_manifest(planned, str(out / MANIFEST))
         (tmp / MANIFEST).write_text(json.dumps(planned, indent=1), encoding="utf-8")
         check_streamed_graph(graph, read_manifest(tmp, verify="sha256"), str(out))
