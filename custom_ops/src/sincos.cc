@@ -8,6 +8,10 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace bmoe {
 namespace {
 
@@ -66,12 +70,32 @@ using Half = __fp16;  // the ACLE storage type (GCC 12 has no _Float16 in C++ on
 using Half = _Float16;
 #endif
 
-BMOE_CLONES void half_to_float_block(const uint16_t* h, size_t n, float* out) {
-  for (size_t i = 0; i < n; ++i) {  // exact (x86-64-v3/v4: vcvtph2ps; elsewhere the compiler's conversion)
+namespace {
+void half_to_float_generic(const uint16_t* h, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i) {  // exact: the compiler's conversion
     Half x;
     std::memcpy(&x, h + i, 2);
     out[i] = static_cast<float>(x);
   }
+}
+
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+// GCC does not vectorise the loop above: 8 halves per vcvtph2ps (exact, denormals included).
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* h, size_t n, float* out) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  half_to_float_generic(h + i, n - i, out + i);
+}
+#endif
+}  // namespace
+
+void half_to_float_block(const uint16_t* h, size_t n, float* out) {
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+  static const bool f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  if (f16c) return half_to_float_f16c(h, n, out);
+#endif
+  half_to_float_generic(h, n, out);
 }
 
 }  // namespace bmoe
