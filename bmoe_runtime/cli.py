@@ -291,7 +291,8 @@ def _run_plan(model_dir, backend: str, device: str, budget_mb: float | None, con
         overhead = overhead_in_this_process(backend, opts.get("packing", "2bit"), int(opts.get("act_quant", False)))
     plan = make_plan(manifest, dev, settings, budget, overhead, model_name=str(model_dir), cache_experts=planned)
     if planned is not None and not plan.fits:
-        raise BmoeError(f"{model_dir} was planned for {str(manifest['streamed']['device'])[:60]} with {planned} experts "
+        device = str(manifest["streamed"]["device"])[:60]
+        raise BmoeError(f"{model_dir} was planned for {device} with {planned} experts "
                         f"a layer cached: that peaks at {plan.peak_bytes / MIB:.1f} MiB here, over the "
                         f"{plan.budget_bytes / MIB:.1f} MiB budget; plan the export again (bmoe plan --write)")
     if refusal(plan):
