@@ -3,7 +3,8 @@
  * ONNX Runtime's C API + the ai.bmoe op library (libbmoe_ops): load MODEL_DIR/model.onnx, feed the prompt,
  * then one token at a time with the KV cache (present_* of a step become past_* of the next), greedy argmax.
  * The graph's own input/output names drive the loop (input_ids, past_key_i/past_value_i → logits,
- * present_key_i/present_value_i; docs/ops.md), so any bmoe LM export works; tokenization here is the
+ * present_key_i/present_value_i, plus attention_mask/position_ids on exports that have them; docs/ops.md),
+ * so any bmoe LM export works; tokenization here is the
  * byte-level tokenizer (vocabulary of 256, like the bundled model). For BPE models use onnxruntime-genai.
  *
  * usage: bmoe_generate MODEL_DIR LIBBMOE_OPS PROMPT N_NEW [THREADS]
@@ -48,14 +49,18 @@ static long parse_count(const char *s, const char *what, long lo, long hi) {
   return v;
 }
 
+enum Role { IDS, MASK, POSITIONS, PAST };
+
 typedef struct {
   OrtSession *session;
   OrtAllocator *alloc;
   OrtMemoryInfo *mem;
-  size_t n_in, n_out, n_layers;
+  size_t n_in, n_out, positions; /* positions: tokens in the KV cache so far */
   char *in_names[MAX_IO], *out_names[MAX_IO];
+  enum Role role[MAX_IO];
+  size_t present_of[MAX_IO]; /* input index of past_X_i -> output index of present_X_i */
   int64_t heads, head_dim, vocab;
-  OrtValue *past[MAX_IO]; /* past_key_0, past_value_0, ... in graph input order after input_ids */
+  OrtValue *past[MAX_IO]; /* by input index, for the PAST inputs */
 } Model;
 
 /* A [1, heads, 0, head_dim] float tensor: the empty cache before the prompt. */
@@ -83,23 +88,41 @@ static void load(Model *m, const char *dir, const char *ops_lib, int threads) {
 
   check(ort->SessionGetInputCount(m->session, &m->n_in));
   check(ort->SessionGetOutputCount(m->session, &m->n_out));
-  if (m->n_in < 3 || m->n_in > MAX_IO || m->n_out != m->n_in || m->n_in % 2 == 0)
+  if (m->n_in < 3 || m->n_in > MAX_IO || m->n_out > MAX_IO)
     die("not a bmoe KV-cache LM export", "expected input_ids + past_key/value per layer");
   for (size_t i = 0; i < m->n_in; i++) check(ort->SessionGetInputName(m->session, i, m->alloc, &m->in_names[i]));
   for (size_t i = 0; i < m->n_out; i++) check(ort->SessionGetOutputName(m->session, i, m->alloc, &m->out_names[i]));
   if (strcmp(m->in_names[0], "input_ids") || strcmp(m->out_names[0], "logits"))
     die("not a bmoe KV-cache LM export", "first input must be input_ids and first output logits");
-  m->n_layers = (m->n_in - 1) / 2;
+  size_t first_past = 0; /* the first PAST input: its dims give heads and head_dim */
+  for (size_t i = 1; i < m->n_in; i++) {
+    const char *name = m->in_names[i];
+    if (!strcmp(name, "attention_mask")) m->role[i] = MASK;
+    else if (!strcmp(name, "position_ids")) m->role[i] = POSITIONS;
+    else if (!strncmp(name, "past_", 5)) {
+      char want[256];
+      if (snprintf(want, sizeof want, "present_%s", name + 5) >= (int)sizeof want) die("input name too long", name);
+      size_t o = 1;
+      while (o < m->n_out && strcmp(m->out_names[o], want)) o++;
+      if (o == m->n_out) die("no present output for", name);
+      m->role[i] = PAST, m->present_of[i] = o;
+      if (!first_past) first_past = i;
+    } else die("unexpected graph input", name);
+  }
+  size_t n_past = 0;
+  for (size_t i = 1; i < m->n_in; i++) n_past += m->role[i] == PAST;
+  if (!n_past || m->n_out != 1 + n_past)
+    die("not a bmoe KV-cache LM export", "expected logits + one present output per past input");
 
-  /* heads and head_dim from past_key_0's static dims [batch, heads, past, head_dim]; vocab from logits */
+  /* heads and head_dim from a past input's static dims [batch, heads, past, head_dim]; vocab from logits */
   OrtTypeInfo *ti;
   const OrtTensorTypeAndShapeInfo *si;
   int64_t dims[4];
   size_t nd;
-  check(ort->SessionGetInputTypeInfo(m->session, 1, &ti));
+  check(ort->SessionGetInputTypeInfo(m->session, first_past, &ti));
   check(ort->CastTypeInfoToTensorInfo(ti, &si));
   check(ort->GetDimensionsCount(si, &nd));
-  if (nd != 4) die("past_key_0 must have 4 dims", NULL);
+  if (nd != 4) die("past inputs must have 4 dims", NULL);
   check(ort->GetDimensions(si, dims, 4));
   m->heads = dims[1], m->head_dim = dims[3];
   ort->ReleaseTypeInfo(ti);
@@ -110,16 +133,30 @@ static void load(Model *m, const char *dir, const char *ops_lib, int threads) {
   ort->ReleaseTypeInfo(ti);
   if (m->heads <= 0 || m->head_dim <= 0 || m->vocab <= 0) die("model has dynamic head/vocab dims", NULL);
   if (m->vocab != 256) die("this example tokenizes bytes (vocabulary 256); use onnxruntime-genai for BPE", NULL);
-  for (size_t i = 1; i < m->n_in; i++) m->past[i] = empty_cache(m);
+  for (size_t i = 1; i < m->n_in; i++)
+    if (m->role[i] == PAST) m->past[i] = empty_cache(m);
+}
+
+/* An int64 [1, n] tensor holding first, first+step, ... (owned by ORT's allocator). */
+static OrtValue *int64_row(Model *m, int64_t n, int64_t first, int64_t step) {
+  int64_t shape[2] = {1, n}, *data;
+  OrtValue *v;
+  check(ort->CreateTensorAsOrtValue(m->alloc, shape, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &v));
+  check(ort->GetTensorMutableData(v, (void **)&data));
+  for (int64_t i = 0; i < n; i++) data[i] = first + i * step;
+  return v;
 }
 
 /* Run ids[0..n) after the cached positions; returns the argmax of the last position's logits. */
 static int step(Model *m, const int64_t *ids, int64_t n) {
-  int64_t shape[2] = {1, n};
+  int64_t shape[2] = {1, n}, past = (int64_t)m->positions;
   OrtValue *inputs[MAX_IO] = {0}, *outputs[MAX_IO] = {0};
   check(ort->CreateTensorWithDataAsOrtValue(m->mem, (void *)ids, (size_t)n * sizeof *ids, shape, 2,
                                             ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &inputs[0]));
-  for (size_t i = 1; i < m->n_in; i++) inputs[i] = m->past[i];
+  for (size_t i = 1; i < m->n_in; i++)
+    inputs[i] = m->role[i] == PAST  ? m->past[i]
+                : m->role[i] == MASK ? int64_row(m, past + n, 1, 0) /* no padding: attend to everything */
+                                     : int64_row(m, n, past, 1);    /* positions after the cache */
   check(ort->Run(m->session, NULL, (const char *const *)m->in_names, (const OrtValue *const *)inputs, m->n_in,
                  (const char *const *)m->out_names, m->n_out, outputs));
   float *logits;
@@ -130,10 +167,15 @@ static int step(Model *m, const int64_t *ids, int64_t n) {
     if (last[v] > last[best]) best = v;
   ort->ReleaseValue(inputs[0]);
   ort->ReleaseValue(outputs[0]);
-  for (size_t i = 1; i < m->n_in; i++) { /* present → past */
-    ort->ReleaseValue(m->past[i]);
-    m->past[i] = outputs[i];
+  for (size_t i = 1; i < m->n_in; i++) {
+    if (m->role[i] != PAST) {
+      ort->ReleaseValue(inputs[i]);
+      continue;
+    }
+    ort->ReleaseValue(m->past[i]); /* present → past */
+    m->past[i] = outputs[m->present_of[i]];
   }
+  m->positions += (size_t)n;
   return best;
 }
 
