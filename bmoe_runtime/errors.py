@@ -26,6 +26,15 @@ class CorpusError(ValueError):
 
 # ValueError: bad values reach bmoe through numpy, tokenizers, torch; OSError: a path that cannot be
 # read or written (missing, a directory, no permission, disk full, a closed pipe).
+def require_numba() -> None:
+    """The Numba reference runtime is an extra (`bmoe[numba]`): say so in one line where it is missing."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        raise BmoeError("the numba backend needs numba, which this install lacks: pip install 'bmoe[numba]' "
+                        "(or use --backend ort)") from None
+
+
 USER_ERRORS = (BmoeError, CheckpointError, CorpusError, ValueError, OSError)
 
 

@@ -64,21 +64,29 @@ def test_the_checker_sees_a_violation(tmp_path):
 
 
 def test_runtime_imports_and_runs_with_torch_unimportable():
-    """Every runtime module, the CLI module and the public session API load with torch blocked."""
+    """Every runtime module, the CLI module and the public session API load with torch blocked — and with numba
+    blocked too (an extra), except the Numba kernels themselves; the numba backend then says what to install."""
     mods = ["bmoe_runtime", "bmoe_runtime.cli"] + [
         ".".join(p.relative_to(PKG.parent).with_suffix("").parts) for p in runtime_modules()
-        if p.name != "__init__.py"]
+        if p.name != "__init__.py" and p.name != "numba_ops.py"]
     code = (
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'onnxscript'):\n"
+        "        if name.split('.')[0] in ('torch', 'onnxscript', 'numba'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import importlib\n"
         f"for m in {mods!r}: importlib.import_module(m)\n"
         "from bmoe_runtime import ModelSession, Generator, default_model_dir\n"
-        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'bmoe_runtime.nn')]\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'numba') or m.startswith('bmoe_runtime.nn')]\n"
+        "from bmoe_runtime.errors import BmoeError\n"
+        "try:\n"
+        "    ModelSession(default_model_dir(), backend='numba')\n"
+        "except BmoeError as e:\n"
+        "    assert \"pip install 'bmoe[numba]'\" in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('the numba backend ran without numba')\n"
         "try:\n"
         "    from bmoe_runtime import ButterflyMoE\n"
         "except ImportError as e:\n"

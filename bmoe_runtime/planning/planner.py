@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bmoe_runtime.planning.devices import Device
-from bmoe_runtime.errors import BmoeError
+from bmoe_runtime.errors import BmoeError, require_numba
 
 MIB = 2**20
 F32 = 4
@@ -127,6 +127,7 @@ def warm_up(backend: str, packing: str = "2bit", act_quant: int = 0) -> None:
     import bmoe_runtime.runtime.generate  # noqa: F401  (what bmoe-run imports)
     import bmoe_runtime.runtime.session  # noqa: F401
     if backend == "numba":  # imports and compiles (or loads from numba's cache) both kernels
+        require_numba()
         import onnx.reference  # noqa: F401
 
         from bmoe_runtime.backends import numba_ops

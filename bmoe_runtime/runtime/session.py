@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import _get_all_tensors, uses_external_data  # every tensor, subgraphs too
 
-from bmoe_runtime.backends import contrib_ops, numba_ops
+from bmoe_runtime.backends import contrib_ops
 
 from bmoe_runtime.format import op_schemas
-from bmoe_runtime.errors import BmoeError
+from bmoe_runtime.errors import BmoeError, OpError, require_numba
 from bmoe_runtime.format import untrusted
 from bmoe_runtime.format.genai_config import PADDING_INPUTS
 from bmoe_runtime.format.manifest import read_manifest, read_verified
@@ -35,6 +35,8 @@ _NP_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int
 def _reference_ops(model_dir: Path):
     """The ai.bmoe ops for onnx's ReferenceEvaluator; streamed angle files are confined to model_dir."""
     from onnx.reference.op_run import OpRun
+
+    from bmoe_runtime.backends import numba_ops  # needs numba
 
     class ButterflyRotate(OpRun):
         op_domain = op_schemas.DOMAIN
@@ -52,11 +54,11 @@ def _reference_ops(model_dir: Path):
         def _run(self, x, angles=None, expert_index=None, angle_scale=None, transpose=0, **streamed):
             if self._stream is not None:
                 if angles is not None:
-                    raise numba_ops.OpError("ButterflyRotate: input angles must be omitted when angle_file is set")
+                    raise OpError("ButterflyRotate: input angles must be omitted when angle_file is set")
                 return (numba_ops.butterfly_rotate_streamed(x, self._stream, expert_index, angle_scale,
                                                             int(transpose)),)
             if angles is None:
-                raise numba_ops.OpError("ButterflyRotate: input angles is required (or the attribute angle_file)")
+                raise OpError("ButterflyRotate: input angles is required (or the attribute angle_file)")
             return (numba_ops.butterfly_rotate(x, angles, expert_index, angle_scale, int(transpose)),)
 
     class AnglePrefetch(OpRun):
@@ -67,7 +69,7 @@ def _reference_ops(model_dir: Path):
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in onnx_node.attribute}
             key = attrs.get("cache_key", b"").decode()
             if not key or not attrs.get("angle_file"):
-                raise numba_ops.OpError("AnglePrefetch: attributes angle_file and cache_key are required")
+                raise OpError("AnglePrefetch: attributes angle_file and cache_key are required")
             self._stream = numba_ops.AngleStream.shared(
                 key, attrs["angle_file"].decode(), attrs.get("angle_offset", 0), attrs.get("angle_experts"),
                 attrs.get("angle_dtype"), attrs.get("cache_slots"), op="AnglePrefetch",
@@ -206,6 +208,7 @@ class ModelSession:
     def _reference_session(path: str, threads: int | None, model: onnx.ModelProto | None = None):
         from onnx.reference import ReferenceEvaluator
 
+        require_numba()
         if threads:
             import numba
 
@@ -223,7 +226,7 @@ class ModelSession:
             raise BmoeError(f"{path} cannot be loaded: {str(exc).splitlines()[0][:300]}") from None
         try:
             return ReferenceEvaluator(model, new_ops=_reference_ops(Path(path).parent))
-        except numba_ops.OpError as exc:  # a streamed node's angle_file cannot be opened
+        except OpError as exc:  # a streamed node's angle_file cannot be opened
             raise BmoeError(str(exc)) from None
 
     def with_padding_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -270,7 +273,7 @@ class ModelSession:
             else:
                 with self._lock:  # the reference evaluator keeps per-run state
                     values = self._impl.run(None, feeds)
-        except numba_ops.OpError as exc:
+        except OpError as exc:
             raise BmoeError(str(exc)) from None
         except Exception as exc:
             if type(exc).__module__.startswith("onnxruntime"):

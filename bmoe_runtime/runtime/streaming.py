@@ -30,7 +30,6 @@ from pathlib import Path
 
 import onnx
 
-from bmoe_runtime.backends import numba_ops
 
 from bmoe_runtime.format import op_schemas
 from bmoe_runtime.errors import BmoeError
@@ -246,6 +245,8 @@ def cache_stats(backend: str = "ort") -> dict[str, int]:
     and prefetches'), prefetches (experts read by AnglePrefetch) and prefetch_hits (hits on an
     entry a prefetch brought in, counted on its first hit)."""
     if backend == "numba":
+        from bmoe_runtime.backends import numba_ops
+
         return numba_ops.angle_cache_stats()
     if backend != "ort":
         raise BmoeError(f"unknown backend {backend!r}")
@@ -258,6 +259,8 @@ def cache_stats(backend: str = "ort") -> dict[str, int]:
 
 def reset(backend: str = "ort") -> None:
     if backend == "numba":
+        from bmoe_runtime.backends import numba_ops
+
         numba_ops.angle_cache_reset()
     elif backend == "ort":
         _ort_lib().BmoeAngleCacheReset()
