@@ -184,9 +184,13 @@ template <int G>
 inline void lut_groups(const float* tab, size_t J, const uint32_t* Wl, size_t j0, size_t j1, __m512* io) {
   __m512 acc[G][2];
   for (int g = 0; g < G; ++g) acc[g][0] = io[g], acc[g][1] = _mm512_setzero_ps();
+  const size_t ahead = j1 - j0;  // this group's next K block: read after every other group's current one
   for (size_t j = j0; j < j1; ++j) {
     __m512i x[G];
     for (int g = 0; g < G; ++g) x[g] = _mm512_loadu_si512(Wl + (g * J + j) * kLutRows);
+    if (j + ahead < J)  // DRAM-resident weights: the block runs are short, so prefetch them into L2 ourselves
+      for (int g = 0; g < G; ++g)
+        _mm_prefetch(reinterpret_cast<const char*>(Wl + (g * J + j + ahead) * kLutRows), _MM_HINT_T1);
     const float* t = tab + 6 * 32 * j;
 #define BMOE_LUT(s)                                                                                     \
   {                                                                                                     \

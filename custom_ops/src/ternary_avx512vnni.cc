@@ -6,6 +6,8 @@ namespace bmoe {
 namespace ternary {
 namespace {
 
+constexpr size_t kPrefetchBytes = 1024;
+
 template <int R>
 void rows_vnni(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t Kp, const uint8_t* row, size_t Kb,
                float sc, float* Y, size_t ldy, __m512i& bad) {
@@ -15,6 +17,9 @@ void rows_vnni(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t
     for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
   alignas(64) uint8_t buf[64];
   for (size_t c = 0; c < Kp / kQChunk; ++c) {
+    // Weights from DRAM at decode: the hardware prefetcher alone leaves this loop waiting on loads
+    // (rows follow each other, so running past this row's end prefetches the next one's start).
+    _mm_prefetch(reinterpret_cast<const char*>(row + 64 * c + kPrefetchBytes), _MM_HINT_T0);
     const __m512i x = _mm512_loadu_si512(chunk_ptr(row, c, Kb, buf, 64));
     bad = flag_bad64(bad, x);
     for (int s = 0; s < 4; ++s) {
