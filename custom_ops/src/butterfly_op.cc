@@ -1,13 +1,11 @@
 // ButterflyRotate operator: validation (docs/ops.md), cos/sin tables, and rows
 // spread over ORT's intra-op thread pool.
 //
-// cos/sin tables: when `angles` (and `angle_scale`) are constant initializers —
-// the exported-model case — the tables of all experts are built once at kernel
-// creation and never change, so Run needs no cache, lock or checksum and is
-// trivially thread-safe. Otherwise the tables are built per call, only for the
-// experts that call references: always correct whatever the inputs, and the
-// sin/cos cost (S·P/2 per expert) is no more than one row's worth of rotations
-// per referenced expert.
+// cos/sin tables (resident form): built per call from the angles, only for the experts
+// that call references, at most kCallExperts at a time, into a buffer of the calling
+// thread. No per-expert state: memory does not grow with E beyond the angles (keeping
+// every expert's fp32 tables cost ~5.5x the fp16 angles), and Run needs no cache or lock.
+// The sincos cost (S·P/2 per expert) is measured in docs/benchmarks.md (issue 16, part 2).
 //
 // Streamed form (attribute angle_file, input 1 omitted): the tables come from a
 // per-node AngleCache (angle_cache.h) of at most cache_slots experts, filled from
