@@ -1,7 +1,8 @@
 #!/bin/sh
 # Cross-builds custom_ops for aarch64 Linux, runs the C++ test driver under
 # qemu-aarch64 against ONNX Runtime's aarch64 library from PyPI, once per kernel
-# variant, and prints "N passed, N failed" (docs/aarch64.md).
+# variant, cross-builds the C example (examples/c/bmoe_generate.c) and runs it on the
+# bundled model, and prints "N passed, N failed" (docs/aarch64.md).
 #
 # Needs: g++-aarch64-linux-gnu and qemu-user (Debian: apt-get install -y
 # g++-aarch64-linux-gnu qemu-user), cmake, unzip, and a Python with numpy, onnx,
@@ -12,18 +13,27 @@
 #   ORT_VERSION=1.22.0           onnxruntime wheel to take libonnxruntime.so from
 #                                (1.21.0 also works, but only on CPUs with FP16: its
 #                                library executes FP16 instructions at load time)
+#   ORT_SHA256=...               sha256 of its libonnxruntime.so.1.x (pinned for 1.22.0; required
+#                                for any other version: the downloaded library is always checked)
+#   EXAMPLE_PROMPT=ROMEO:        prompt of the C example run; EXAMPLE_N_NEW=8 tokens it generates
 #   BUILD=build-aarch64          build directory (relative to the repository root)
 #   QEMU_CPU=max                 CPU model with dotprod; QEMU_CPU_NODP=cortex-a72 one without
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
 python=${PYTHON:-python3}
 ort_version=${ORT_VERSION:-1.22.0}
+# sha256 of libonnxruntime.so.1.22.0 in onnxruntime-1.22.0-cp311-cp311-manylinux_2_27_aarch64.manylinux_2_28_aarch64.whl
+ort_sha256_1_22_0=50a440a8a15515eef4f48ae6471c361032cc162769045ebf662099396642259c
+if [ "$ort_version" = 1.22.0 ]; then ort_sha256=${ORT_SHA256:-$ort_sha256_1_22_0}; else ort_sha256=${ORT_SHA256:-}; fi
+[ -n "$ort_sha256" ] || { echo "run_qemu_tests.sh: set ORT_SHA256 to the sha256 of libonnxruntime.so.$ort_version" >&2; exit 2; }
+example_prompt=${EXAMPLE_PROMPT:-ROMEO:}
+example_n_new=${EXAMPLE_N_NEW:-8}
 build=$root/${BUILD:-build-aarch64}
 sysroot=${BMOE_CROSS_SYSROOT:-/usr/aarch64-linux-gnu}
 cpu=${QEMU_CPU:-max}
 cpu_nodp=${QEMU_CPU_NODP:-cortex-a72}
 
-for tool in aarch64-linux-gnu-g++ qemu-aarch64 cmake unzip; do
+for tool in aarch64-linux-gnu-g++ aarch64-linux-gnu-gcc qemu-aarch64 cmake unzip sha256sum; do
   command -v "$tool" >/dev/null || { echo "run_qemu_tests.sh: $tool not found (see docs/aarch64.md)" >&2; exit 2; }
 done
 mkdir -p "$build"
@@ -39,6 +49,9 @@ if [ ! -f "$ort_lib" ]; then
   unzip -q -o "$wheel_dir"/onnxruntime-*.whl 'onnxruntime/capi/libonnxruntime.so*' -d "$wheel_dir"
   rm -f "$wheel_dir"/onnxruntime-*.whl
 fi
+# Checked on every run, so a tampered or truncated download (or cached copy) never runs.
+echo "$ort_sha256  $ort_lib" | sha256sum -c --quiet - || {
+  echo "run_qemu_tests.sh: $ort_lib does not have the pinned sha256 $ort_sha256" >&2; exit 1; }
 
 # 2. Cross-build (library + drivers). Reuse the C API headers of an x86 build if
 # there are some; else OrtHeaders.cmake fetches them.
@@ -117,6 +130,28 @@ for k in dotprod neon; do
   else check "no sdot with BMOE_KERNEL=neon" "^0$" "$n"; fi
 done
 rm -f "$log"
+
+# 5. The C example (ORT C API + libbmoe_ops.so, greedy with the KV cache, no Python on the
+# target): cross-compiled against the ORT C header libbmoe_ops was built with and the aarch64
+# libonnxruntime; tests/test_aarch64.py compares its tokens with the Numba runtime's.
+echo "== C example (examples/c/bmoe_generate.c)"
+example_dir=$build/example
+mkdir -p "$example_dir" && rm -f "$example_dir/bmoe_generate"
+ln -sf "$ort_lib" "$example_dir/libonnxruntime.so.1"  # the soname; the wheel ships only the versioned file
+ort_include=$("$python" -c "from bmoe_runtime.backends import native; print(native.ort_include_dir() or '')")
+out=$(aarch64-linux-gnu-gcc -O2 -std=c11 -Wall -Wextra -Werror -o "$example_dir/bmoe_generate" \
+        "$root/examples/c/bmoe_generate.c" -I"$ort_include" "$example_dir/libonnxruntime.so.1" \
+        -Wl,-rpath,"$example_dir" 2>&1) && [ -n "$ort_include" ] || out="cross-compile failed (ORT header: '$ort_include'): $out"
+model=$("$python" -c "from bmoe_runtime import default_model_dir; print(default_model_dir())")
+if [ -x "$example_dir/bmoe_generate" ] && [ -n "$ort_include" ]; then
+  t0=$(date +%s%N)
+  out=$(qemu -cpu "$cpu" "$example_dir/bmoe_generate" "$model" "$build/libbmoe_ops.so" \
+          "$example_prompt" "$example_n_new" 2>&1) || out="exit status $?: $out"
+  t1=$(date +%s%N)
+  echo "$out"
+  echo "C example: $example_n_new tokens after '$example_prompt' in $(( (t1 - t0) / 1000000 )) ms under qemu"
+fi
+check "C example runs under qemu (-cpu $cpu)" "^tokens:( [0-9]+){$example_n_new}\$" "$out"
 
 echo "== summary (onnxruntime $ort_version aarch64 under $(qemu-aarch64 --version | head -n1))"
 printf '%s' "$summary"
