@@ -15,7 +15,7 @@ from bmoe_runtime import default_model_dir
 from bmoe_runtime.backends import native, ort_ops
 from bmoe_runtime.format.manifest import read_manifest
 from bmoe_runtime.planning.devices import resolve_device
-from bmoe_runtime.planning.planner import MIB, Settings, make_plan
+from bmoe_runtime.planning.planner import MIB, SAFETY_MARGIN, Settings, make_plan
 from bmoe_runtime.runtime.session import ModelSession
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "c" / "bmoe_generate.c"
@@ -97,7 +97,10 @@ def test_example_peak_rss_matches_the_native_plan(example):
     plan = make_plan(read_manifest(default_model_dir(), verify=False), resolve_device("android-sd8gen2"),
                      Settings("ort", context=len(PROMPT) + N_NEW, prefill=len(PROMPT), runtime="native"))
     assert plan.settings["runtime"] == "native"
-    assert 0.9 * plan.peak_bytes <= measured <= plan.peak_bytes, (measured / MIB, plan.peak_bytes / MIB)
+    # The plan's peak keeps a safety margin free on purpose; what it predicts the run to use is the rest.
+    predicted_use = plan.peak_bytes - SAFETY_MARGIN
+    assert abs(measured / predicted_use - 1) <= 0.10, (measured / MIB, predicted_use / MIB)
+    assert measured <= plan.peak_bytes  # and the budget it would be given holds
 
 
 @pytest.mark.parametrize("args, message", [
