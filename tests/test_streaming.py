@@ -219,9 +219,9 @@ def test_lookahead_matches_resident_exactly(models, backend, dtype, slots):
     assert plain["prefetches"] == plain["prefetch_hits"] == 0
     assert 0 < stats["prefetch_hits"] <= stats["prefetches"]
     assert stats["prefetch_hits"] <= stats["hits"]
-    # Fewer misses is NOT asserted: on these random, untrained test models layer 1's router
+    # Fewer misses is not asserted here: on these random, untrained test models layer 1's router
     # applied to layer 0's input guesses badly and a wrong guess evicts (fp16, 2 slots: 76
-    # misses against 50). On the trained bundled model look-ahead cuts misses (docs).
+    # misses against 50). On the trained bundled model it is: tests/test_lookahead.py.
     sizes = {t["expert_bytes"] for t in angle_tables(models[dtype])}
     reads = stats["misses"] + stats["prefetches"]
     assert min(sizes) * reads <= stats["bytes_read"] <= max(sizes) * reads
