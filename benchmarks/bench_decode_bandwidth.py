@@ -24,7 +24,6 @@ import argparse
 import os
 import platform
 import statistics
-import struct
 import sys
 import threading
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from results import cpu_model  # benchmarks/ is the script's directory; stdlib only
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,16 +101,6 @@ def ops_library() -> str:
     if path is None:
         sys.exit("libbmoe_ops.so not found: build it (cmake -S custom_ops -B build) and set BMOE_OPS_LIB")
     return str(path)
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def llc_bytes() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,18 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bmoe_runtime.backends import ort_ops  # noqa: E402
 from bmoe_runtime.format.packing import pack_trits  # noqa: E402
+from results import cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
 
 CHAIN = 32  # ButterflyRotate / its dense baseline: nodes per graph, to amortise Run() overhead
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def model(nodes, inputs, inits, outputs=("Y",)):

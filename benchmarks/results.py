@@ -4,11 +4,23 @@ the hand-written text around a table is never lost."""
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for the header of a results file."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def results_dir(name: str, out: str | Path | None = None) -> Path:

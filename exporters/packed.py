@@ -8,7 +8,6 @@ GatheredExperts         independent experts as one [N, d_out, d_in] table → Ga
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -86,6 +86,14 @@ def ops_required() -> bool:
     return os.environ.get("BMOE_REQUIRE_OPS") == "1"
 
 
+def use_ort() -> bool:
+    """Whether a test's ONNX Runtime branch runs: when the library is built, and always under BMOE_REQUIRE_OPS=1
+    (where a missing library then fails that branch instead of skipping it)."""
+    from bmoe_runtime.backends import ort_ops
+
+    return ort_ops.available() or ops_required()
+
+
 def cpu_variants() -> list[str]:
     """The kernel variants this CPU supports, read from /proc/cpuinfo (independently of the library,
     whose own detection is what is under test): every one of them must run."""

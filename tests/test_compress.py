@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from bmoe_runtime.backends import ort_ops
+from ops_reference import use_ort
 from bmoe_runtime.backends.contrib_ops import gather_block_quantized, matmul_nbits
 from bmoe_runtime.backends.numba_ops import OpError
 from bmoe_runtime.nn.model import ModelConfig
@@ -29,7 +29,7 @@ from exporters.compress import quantize_blockwise
 
 from test_export import PROMPT, make_checkpoint, torch_logits
 
-needs_ort = pytest.mark.skipif(not ort_ops.available(), reason="C++ op library not built")
+needs_ort = pytest.mark.skipif(not use_ort(), reason="C++ op library not built")
 
 
 def reference_dequantize(blob: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
@@ -191,7 +191,7 @@ def _check_runtimes(out: Path, ref_model) -> None:
     (exports with fp32 angles, so the weights under test are the only approximation)."""
     want_logits = torch_logits(ref_model, PROMPT)
     want = ref_model.generate(torch.tensor([PROMPT]), 24)[0, len(PROMPT):].tolist()
-    backends = ["numba"] + (["ort"] if ort_ops.available() else [])
+    backends = ["numba"] + (["ort"] if use_ort() else [])
     for backend in backends:
         tokens, logits = _tokens_and_logits(out, backend)
         assert np.abs(logits - want_logits).max() <= 1e-4, backend

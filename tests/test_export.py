@@ -18,7 +18,7 @@ from bmoe_runtime import ButterflyMoE
 from bmoe_runtime.format.butterfly_layout import active_mask
 from bmoe_runtime.nn.butterfly import ButterflyRotation
 
-from bmoe_runtime.backends import ort_ops
+from ops_reference import use_ort
 from bmoe_runtime.train.checkpoint import save_checkpoint
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.runtime.generate import Generator
@@ -67,7 +67,7 @@ def test_lm_parity_and_greedy_tokens(tmp_path, variant, form):
     ours = list(gen.tokens(PROMPT, 32))
     ref = model.generate(torch.tensor([PROMPT]), 32)[0, len(PROMPT):].tolist()
     assert ours == ref
-    if ort_ops.available():  # the C++ ops on the same file: same logits, same tokens as the Numba runtime
+    if use_ort():  # the C++ ops on the same file: same logits, same tokens as the Numba runtime
         fast = Generator(ModelSession(out, backend="ort"))
         ort_logits, _ = fast.step(np.array([PROMPT], np.int64), fast.empty_cache())
         assert np.abs(ort_logits - logits).max() <= 1e-4

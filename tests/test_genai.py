@@ -12,22 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from bmoe_runtime import default_model_dir
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.format.manifest import read_manifest
-from bmoe_runtime.format.tokenizer import BPETokenizer, ByteTokenizer
-from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.format.tokenizer import ByteTokenizer
 from bmoe_runtime.planning.devices import resolve_device
 from bmoe_runtime.planning.planner import MIB, Settings, make_plan
 from bmoe_runtime.runtime.generate import GenerationStats, Generator, Sampling
 from bmoe_runtime.runtime.session import ModelSession
-from bmoe_runtime.train.checkpoint import save_checkpoint
-from exporters import export_checkpoint
-from untrusted_dirs import fresh_copy, manifest, pristine_copy, replace_file, resign, write_manifest
+from untrusted_dirs import manifest, replace_file, resign, write_manifest
 
-og = pytest.importorskip("onnxruntime_genai")
+import onnxruntime_genai as og  # noqa: E402  (the [genai] extra, part of [test])
 from bmoe_runtime.runtime.genai_engine import GenAIGenerator  # noqa: E402
 
 PROMPT, N = "ROMEO: héllo, wörld", 24
@@ -36,25 +32,6 @@ BIN = Path(sys.executable).parent
 
 def numba_generator(model_dir: Path) -> Generator:
     return Generator(ModelSession(model_dir, backend="numba"))
-
-
-@pytest.fixture(scope="module")
-def bpe_export(tmp_path_factory) -> Path:
-    """A small model with a BPE tokenizer, exported: random weights (angles far from identity, as in
-    test_export), a tokenizer trained on a fixed text — greedy decoding only needs a deterministic model."""
-    d = tmp_path_factory.mktemp("bpe")
-    text = ("ROMEO: But, soft! what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
-            "JULIET: O Romeo, Romeo! wherefore art thou Romeo? Deny thy father and refuse thy name.\n") * 20
-    tok = BPETokenizer.train(text, 300)
-    torch.manual_seed(0)
-    model = MoELM(ModelConfig(vocab_size=tok.vocab_size, d_model=48, n_layers=2, n_heads=4, d_ff=96, n_experts=4,
-                              top_k=2, max_seq=64)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("angles"):
-                p.normal_(0, 0.5)
-    save_checkpoint(d / "m.pt", model, tok, {})
-    return export_checkpoint(d / "m.pt", d / "x")
 
 
 @pytest.mark.parametrize("which", ["bundled", "bpe"])
@@ -158,16 +135,6 @@ def test_bmoe_run_streamed_falls_back_to_its_loop_and_says_so():
 def test_bmoe_run_stops_cleanly_at_the_context_limit():
     r = bmoe_run("--temperature", "0", "-n", "1000", "--engine", "genai")
     assert r.returncode == 0 and "stopped at the context limit: 256 positions (6 prompt + 250 new)" in r.stderr
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return pristine_copy(tmp_path_factory.mktemp("pristine") / "model")
-
-
-@pytest.fixture
-def d(pristine, tmp_path) -> Path:
-    return fresh_copy(pristine, tmp_path / "model")
 
 
 def one_line_error(d: Path, match: str, *args: str, cwd: Path | None = None) -> None:

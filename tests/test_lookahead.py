@@ -9,10 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
-from bmoe_runtime.backends import numba_ops, ort_ops
+from bmoe_runtime.backends import numba_ops
 from bmoe_runtime.runtime import streaming
 from bmoe_runtime.runtime.session import ModelSession
 
+from ops_reference import use_ort
 from test_streaming import decode
 
 BUNDLED = Path(__file__).resolve().parents[1] / "bmoe_runtime" / "models" / "default"
@@ -64,7 +65,7 @@ def test_prefetch_of_the_next_call_turns_misses_into_hits(stream):
                      "prefetch_hits": 8}
 
 
-BACKENDS = ["numba"] + (["ort"] if ort_ops.available() else [])
+BACKENDS = ["numba"] + (["ort"] if use_ort() else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

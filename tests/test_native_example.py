@@ -59,35 +59,13 @@ def test_example_generates_the_python_runtimes_tokens(example):
     assert tokens == python_greedy(default_model_dir(), list(PROMPT.encode()), N_NEW)
 
 
-@pytest.fixture(scope="module")
-def fresh_export(tmp_path_factory) -> Path:
-    """A byte-vocabulary model exported by today's exporter: its graph also takes attention_mask and position_ids."""
-    import torch
-
-    from bmoe_runtime.format.tokenizer import ByteTokenizer
-    from bmoe_runtime.nn.model import ModelConfig, MoELM
-    from bmoe_runtime.train.checkpoint import save_checkpoint
-    from exporters import export_checkpoint
-
-    d = tmp_path_factory.mktemp("fresh")
-    torch.manual_seed(0)
-    model = MoELM(ModelConfig(vocab_size=256, d_model=48, n_layers=2, n_heads=4, d_ff=96, n_experts=4, top_k=2,
-                              max_seq=64)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("angles"):
-                p.normal_(0, 0.5)  # far from identity, so a wrong rotation changes the tokens
-    save_checkpoint(d / "m.pt", model, ByteTokenizer(), {})
-    return export_checkpoint(d / "m.pt", d / "x")
-
-
-def test_example_feeds_the_padding_inputs_of_new_exports(example, fresh_export):
-    manifest = read_manifest(fresh_export, verify=False)
+def test_example_feeds_the_padding_inputs_of_new_exports(example, byte_export):
+    manifest = read_manifest(byte_export, verify=False)
     assert {"attention_mask", "position_ids"} <= set(manifest["inputs"])
-    r = run_example(example, str(fresh_export), str(ort_ops.library_path()), PROMPT, str(N_NEW))
+    r = run_example(example, str(byte_export), str(ort_ops.library_path()), PROMPT, str(N_NEW))
     assert r.returncode == 0, r.stderr
     tokens = [int(t) for t in re.search(r"tokens: ([\d ]+)", r.stdout).group(1).split()]
-    assert tokens == python_greedy(fresh_export, list(PROMPT.encode()), N_NEW)
+    assert tokens == python_greedy(byte_export, list(PROMPT.encode()), N_NEW)
 
 
 def test_example_peak_rss_matches_the_native_plan(example):

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 
 from bmoe_runtime import default_model_dir
 
-from bmoe_runtime.backends import ort_ops
 from bmoe_runtime.cli import main_cli
 from bmoe_runtime.planning.devices import resolve_device, validate
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.format.manifest import read_manifest
+from ops_reference import use_ort
 from bmoe_runtime.planning.planner import MIB, SAFETY_MARGIN, Settings, make_plan, refusal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_plan_cli_refusal(monkeypatch):
 @pytest.mark.parametrize("backend", ["ort", "numba"])
 def test_run_streams_under_a_tight_budget(tmp_path, monkeypatch, backend):
     """A budget below the all-resident peak streams angles: same tokens as the resident run, counters move."""
-    if backend == "ort" and not ort_ops.available():
+    if backend == "ort" and not use_ort():
         pytest.skip("libbmoe_ops.so is not built")
     monkeypatch.setenv("BMOE_OVERHEAD_MB", "300")
     manifest = read_manifest(default_model_dir(), verify=False)

@@ -21,16 +21,6 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def corpus(data_dir, tmp_path_factory):
-    src = data_dir / "tinyshakespeare" / "input.txt"
-    if not src.is_file():
-        pytest.skip(f"TinyShakespeare not found at {src}")
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(src.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
-    return path
-
-
 @pytest.fixture(autouse=True)
 def token_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BMOE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "token-cache"))

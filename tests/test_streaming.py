@@ -24,10 +24,10 @@ from exporters import ExportOptions, export_checkpoint
 
 from test_export import make_checkpoint
 
-from ops_reference import ops_required
+from ops_reference import use_ort
 
 # With BMOE_REQUIRE_OPS=1 (CI) the ort cases run, and fail, when libbmoe_ops.so is missing.
-BACKENDS = ["numba"] + (["ort"] if ort_ops.available() or ops_required() else [])
+BACKENDS = ["numba"] + (["ort"] if use_ort() else [])
 PROMPT = list(b"To be, or not")
 STEPS = 24
 MODELS = {"fp16": 8, "int8": 4}  # angle dtype → experts
@@ -288,7 +288,7 @@ def test_anglePrefetch_validates_its_inputs(tmp_path):
         numba_ops.angle_prefetch(x, np.array([0, 1], np.int32), stream)
     with pytest.raises(numba_ops.OpError, match="only allowed with int8"):
         numba_ops.angle_prefetch(x, np.array([0]), stream, np.ones(6, np.float32))
-    if not ort_ops.available() and not ops_required():
+    if not use_ort():
         return
     import onnxruntime as ort
 

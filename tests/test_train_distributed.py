@@ -64,16 +64,6 @@ def curve(path: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def corpus(data_dir, tmp_path_factory) -> Path:
-    src = data_dir / "tinyshakespeare" / "input.txt"
-    if not src.is_file():
-        pytest.skip(f"TinyShakespeare not found at {src}")
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(src.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("token-cache"))
     os.environ["BMOE_CACHE_DIR"] = path  # this process's runs; the ranks get it explicitly

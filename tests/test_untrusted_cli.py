@@ -17,14 +17,9 @@ from bmoe_runtime.format.tokenizer import ByteTokenizer
 from bmoe_runtime.nn.model import ModelConfig, MoELM
 from bmoe_runtime.train.checkpoint import save_checkpoint
 from exporters.cli import export_cli
-from untrusted_dirs import fresh_copy, pristine_copy, replace_file
+from untrusted_dirs import fresh_copy, replace_file
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return pristine_copy(tmp_path_factory.mktemp("pristine") / "model")
 
 
 def invoke(cmd, args: list[str], env: dict | None = None):

@@ -19,17 +19,7 @@ from bmoe_runtime.format.manifest import read_manifest
 from bmoe_runtime.format.tokenizer import load_tokenizer
 from bmoe_runtime.runtime.generate import Generator
 from bmoe_runtime.runtime.session import ModelSession
-from untrusted_dirs import fresh_copy, manifest, pristine_copy, replace_file, resign, write_manifest
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return pristine_copy(tmp_path_factory.mktemp("pristine") / "model")
-
-
-@pytest.fixture
-def d(pristine, tmp_path) -> Path:
-    return fresh_copy(pristine, tmp_path / "model")
+from untrusted_dirs import manifest, replace_file, resign, write_manifest
 
 
 @pytest.fixture(autouse=True)

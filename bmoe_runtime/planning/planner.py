@@ -154,7 +154,7 @@ _PROBE = "import sys; from bmoe_runtime.planning import planner, ram; " \
          "planner.warm_up(sys.argv[1], sys.argv[2], int(sys.argv[3])); print(ram.peak_rss())"
 
 
-def _overhead_override() -> tuple[int, str] | None:
+def overhead_override() -> tuple[int, str] | None:
     given = os.environ.get("BMOE_OVERHEAD_MB")
     if not given:
         return None
@@ -173,7 +173,7 @@ def overhead_in_this_process(backend: str, packing: str = "2bit", act_quant: int
     Nothing is spawned, so under a tight memory limit the measurement cannot be what gets killed.
     Only meaningful in a lean process: one that has loaded torch, say, reports torch too.
     """
-    given = _overhead_override()
+    given = overhead_override()
     if given:
         return given
     from bmoe_runtime.planning.ram import peak_rss
@@ -191,7 +191,7 @@ def runtime_overhead(backend: str, packing: str = "2bit", act_quant: int = 0) ->
 
     $BMOE_OVERHEAD_MB replaces the measurement (e.g. with one taken on the target device).
     """
-    given = _overhead_override()
+    given = overhead_override()
     if given:
         return given
     root = str(Path(__file__).resolve().parents[2])  # the directory holding bmoe_runtime/
@@ -206,7 +206,7 @@ def runtime_overhead(backend: str, packing: str = "2bit", act_quant: int = 0) ->
 
 def native_overhead() -> tuple[int, str]:
     """An app embedding ONNX Runtime + libbmoe_ops (no Python): measured, or $BMOE_OVERHEAD_MB."""
-    return _overhead_override() or (NATIVE_OVERHEAD, "measured: C app + ORT + libbmoe_ops "
+    return overhead_override() or (NATIVE_OVERHEAD, "measured: C app + ORT + libbmoe_ops "
                                                      "(benchmarks/native/native_overhead.py, x86-64 host)")
 
 

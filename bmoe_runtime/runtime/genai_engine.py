@@ -68,10 +68,10 @@ def overhead_in_this_process() -> tuple[int, str]:
     peak RSS after GenAI has loaded and run the bundled model once: ONNX Runtime's environment, thread pools
     and arenas, GenAI's tokenizer and state. It counts the bundled model's few MiB too, so it errs high."""
     from bmoe_runtime import default_model_dir
-    from bmoe_runtime.planning.planner import _overhead_override
+    from bmoe_runtime.planning.planner import overhead_override
     from bmoe_runtime.planning.ram import peak_rss
 
-    given = _overhead_override()  # $BMOE_OVERHEAD_MB, as for every other runtime
+    given = overhead_override()  # $BMOE_OVERHEAD_MB, as for every other runtime
     if given:
         return given
     list(GenAIGenerator(default_model_dir(), threads=1).tokens([10], 2))
