@@ -64,6 +64,9 @@ def _cap_threads(threads: int | None) -> int | None:
 @click.option("--d-model", type=click.IntRange(1, 2**16))  # bounds: what an export's manifest may declare
 @click.option("--d-ff", type=click.IntRange(1, 2**18))
 @click.option("--layers", type=click.IntRange(1, 1024))
+@click.option("--heads", type=click.IntRange(1, 1024), help="Attention heads (preset's by default).")
+@click.option("--dropout", type=FiniteFloat(min=0.0, max=1.0, max_open=True),
+              help="Dropout while training (embeddings, attention, residual branches) [default: 0].")
 @click.option("--steps", type=click.IntRange(1, 10**9), help="Optimizer steps (preset's by default).")
 @click.option("--batch", type=click.IntRange(1, 2**16))
 @click.option("--seq", type=click.IntRange(1, 2**20))
@@ -84,7 +87,7 @@ def _cap_threads(threads: int | None) -> int | None:
 @click.option("--stop-at", type=click.IntRange(1, 10**9), help="Stop after this step's checkpoint, as if interrupted "
               "(--resume continues).")
 @user_errors
-def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, steps, batch, seq, lr,
+def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, heads, dropout, steps, batch, seq, lr,
               eval_every, log_every, per_tensor_scale, ternary_parts, tokenizer, bpe_vocab, device, seed, resume,
               cache_dir, stop_at):
     """Train a ButterflyMoE language model (or a baseline) on a text corpus.
@@ -94,7 +97,7 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
     from bmoe_runtime.train.trainer import train
 
     model = {"variant": variant, "expert_form": expert_form, "n_experts": experts, "top_k": top_k,
-             "d_model": d_model, "d_ff": d_ff, "n_layers": layers}
+             "d_model": d_model, "d_ff": d_ff, "n_layers": layers, "n_heads": heads, "dropout": dropout}
     if per_tensor_scale:
         model["per_row_scale"] = False
     for part in ternary_parts:

@@ -102,6 +102,8 @@ def test_generate_sampled_is_seeded_and_checks_length():
     (dict(vocab_size=0), "vocab_size"),
     (dict(n_layers=0), "n_layers"),
     (dict(max_seq=0), "max_seq"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(dropout=-0.1), "dropout"),
 ])
 def test_config_validation(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -113,6 +115,24 @@ def test_config_dict_round_trip():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({**cfg.to_dict(), "n_kv_heads": 2})
+
+
+def test_dropout_acts_in_training_only():
+    """Training-mode outputs differ between calls (seeded: repeatable); eval mode is exactly the model without
+    dropout, so an export (eval mode) of a model trained with dropout computes what it was trained towards."""
+    torch.manual_seed(0)
+    with_drop = MoELM(ModelConfig(**TINY, dropout=0.2, router_noise=0.0))
+    without = MoELM(ModelConfig(**TINY, router_noise=0.0))
+    without.load_state_dict(with_drop.state_dict())
+    ids = torch.randint(0, TINY.get("vocab_size", 256), (2, 12))
+    with_drop.train()
+    torch.manual_seed(1)
+    a = with_drop(ids)[0]
+    torch.manual_seed(1)
+    assert torch.equal(a, with_drop(ids)[0])
+    assert not torch.allclose(a, with_drop(ids)[0])
+    with_drop.eval(), without.eval()
+    torch.testing.assert_close(with_drop(ids)[0], without(ids)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", ["butterfly", "static", "ternary"])

@@ -129,3 +129,29 @@ def test_unusable_rng_state_is_one_error(runs, corpus, tmp_path):
     torch.save({**bad, "checksum": {"sha256": content_sha256(bad)}}, path)
     with pytest.raises(CheckpointError, match="unusable RNG state"):
         train(str(corpus), str(path), resume=True, **quiet())
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_resumable_checkpoint(runs, corpus, tmp_path, monkeypatch):
+    """A real SIGTERM (a job slot ending, `timeout`) mid-run: the step in flight finishes, a checkpoint is written
+    there (step 7: not an evaluation step), and --resume then reproduces the uninterrupted run bit for bit."""
+    import os
+    import signal
+
+    out, lr_at, logs = tmp_path / "signalled.pt", train_mod.lr_at, []
+
+    def lr_then_signal(step, tc):
+        if step == 6:  # while step 7 is being computed
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(step, tc)
+
+    monkeypatch.setattr(train_mod, "lr_at", lr_then_signal)
+    result = train(str(corpus), str(out), **{**quiet(), "log": logs.append})
+    monkeypatch.setattr(train_mod, "lr_at", lr_at)
+    assert result["stopped_at"] == 7 and any("on a signal" in line for line in logs), logs
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    assert read_checkpoint(out)["train_state"]["step"] == 7
+    train(str(corpus), str(out), resume=True, **quiet())
+    a, b = read_checkpoint(runs["full"]), read_checkpoint(out)
+    assert a["metrics"]["train_curve"] == b["metrics"]["train_curve"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k

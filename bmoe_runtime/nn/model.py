@@ -38,6 +38,7 @@ class ModelConfig:
     # of the `paper` form's shared projection; exported through TernaryMatMul (bmoe-export --attn/--proj ternary)
     ternary_attn: bool = False
     ternary_proj: bool = False
+    dropout: float = 0.0  # training only (embeddings, attention weights, residual branches); inference ignores it
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -51,6 +52,8 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k {self.top_k} exceeds n_experts {self.n_experts}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.ternary_proj and self.expert_form != "paper":
             raise ValueError("ternary_proj needs expert_form 'paper' (the 'ffn' form has no shared projection)")
 
@@ -70,6 +73,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.dropout = cfg.dropout
         if cfg.ternary_attn:
             self.qkv = TernaryLinear(cfg.d_model, 3 * cfg.d_model, cfg.per_row_scale)
             self.out = TernaryLinear(cfg.d_model, cfg.d_model, cfg.per_row_scale)
@@ -88,7 +92,8 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
         if past is None and key_mask is None:  # training and prefill: the fused (flash) causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
         else:
             p = k.shape[2] - t  # cached positions before this chunk
             # query i sits at absolute position p + i and may see keys 0 .. p + i
@@ -111,12 +116,13 @@ class Block(nn.Module):
                                 cfg.router_noise, cfg.per_row_scale)
         if cfg.ternary_proj:  # same parameter shape and name as the fp32 projection it replaces
             self.moe.proj = TernaryLinear(cfg.d_ff, cfg.d_model, cfg.per_row_scale)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
                 key_mask: torch.Tensor | None = None):
         a, present = self.attn(self.ln_attn(x), past, key_mask)
-        x = x + a
-        x = x + self.moe(self.ln_moe(x))
+        x = x + self.drop(a)
+        x = x + self.drop(self.moe(self.ln_moe(x)))
         return x, present
 
 
@@ -128,6 +134,7 @@ class MoELM(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_seq, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
@@ -139,7 +146,7 @@ class MoELM(nn.Module):
         if position_ids is None:
             start = 0 if past is None else past[0][0].shape[2]
             position_ids = torch.arange(start, start + t, device=ids.device)[None]
-        x = self.tok_emb(ids) + self.pos_emb(position_ids)
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(position_ids))
         key_mask = None if attention_mask is None else attention_mask != 0
         present: KVCache = []
         for i, block in enumerate(self.blocks):

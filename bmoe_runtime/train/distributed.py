@@ -67,6 +67,15 @@ def mean(value: torch.Tensor, ranks: Ranks) -> float:
     return value.item()
 
 
+def any_rank(flag: bool, ranks: Ranks, device: str) -> bool:
+    """True on every rank when `flag` is true on at least one."""
+    if ranks.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather(obj, ranks: Ranks) -> list:
     """Every rank's `obj`, in rank order (on every rank)."""
     if ranks.world == 1:

@@ -4,7 +4,10 @@ data-parallel over the ranks torchrun starts, token shards memory-mapped from a 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from bmoe_runtime.format.tokenizer import ByteTokenizer, Tokenizer, tokenizer_fr
 from bmoe_runtime.nn.model import ModelConfig, MoELM
 from bmoe_runtime.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from bmoe_runtime.train.data import CorpusSource, require_windows, scan_corpus, step_starts
-from bmoe_runtime.train.distributed import Ranks, barrier, gather, mean, ranks_from_env, share, start, stop
+from bmoe_runtime.train.distributed import (Ranks, any_rank, barrier, gather, mean, ranks_from_env, share, start,
+                                            stop)
 from bmoe_runtime.train.shards import TokenSplit, open_shards, prepare_tokens, trained_bpe
 
 
@@ -137,6 +141,22 @@ def rng_state(device: str) -> dict:
             "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
 
 
+@contextmanager
+def stop_requests():
+    """SIGTERM or SIGINT (a job slot ending, `timeout`, Ctrl-C) asks the loop to stop at the next step boundary
+    and write a resumable checkpoint instead of dying mid-step and losing the work since the last one."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield asked
+        return
+    before = {sig: signal.signal(sig, lambda *_: asked.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield asked
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = None, train_overrides: dict | None = None,
           tokenizer: str = "byte", bpe_vocab: int = 4096, device: str = "cpu", resume: bool = False,
           log=print, cache_dir: str | None = None, stop_at: int | None = None) -> dict:
@@ -173,14 +193,15 @@ def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = No
         raise BmoeError(f"the global batch {tc.batch} does not split evenly across {ranks.world} ranks")
     device = start(ranks, device)
     try:
-        return _train(data, out, preset, m_over, overrides, tc, ckpt, tokenizer, bpe_vocab, device, ranks, say,
-                      cache_dir, stop_at)
+        with stop_requests() as asked:
+            return _train(data, out, preset, m_over, overrides, tc, ckpt, tokenizer, bpe_vocab, device, ranks, say,
+                          cache_dir, stop_at, asked)
     finally:
         stop(ranks)
 
 
 def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | None, tokenizer: str, bpe_vocab: int,
-           device: str, ranks: Ranks, log, cache_dir, stop_at: int | None) -> dict:
+           device: str, ranks: Ranks, log, cache_dir, stop_at: int | None, asked: threading.Event) -> dict:
     state = ckpt["train_state"] if ckpt else None
     if ranks.main:  # tokenize once (or find the cached shards); the other ranks map the same files
         source = scan_corpus(data)
@@ -282,13 +303,16 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
                 bar.write(f"step {step}: valid loss {history[-1]['valid']['loss']:.4f}")
                 checkpoint({"history": history}, rngs)
                 eval_seconds += _now(device) - t_eval
-        if step == stop_at and step < tc.steps:
+        # one rank alone may have been signalled: the ranks agree at logged steps (a collective there anyway)
+        signalled = asked.is_set() if ranks.world == 1 else \
+            step % tc.log_every == 0 and any_rank(asked.is_set(), ranks, device)
+        if (step == stop_at or signalled) and step < tc.steps:
             if not evaluating:  # an evaluation step has just written its checkpoint
                 rngs = gather(rng_state(device), ranks)
                 if ranks.main:
                     checkpoint({"history": history}, rngs)
             bar.close()
-            log(f"stopped after step {step} as asked; --resume continues {out}")
+            log(f"stopped after step {step} {'on a signal' if signalled else 'as asked'}; --resume continues {out}")
             barrier(ranks)
             return {"history": history, "stopped_at": step}
     bar.close()
