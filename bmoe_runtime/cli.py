@@ -86,10 +86,14 @@ def _cap_threads(threads: int | None) -> int | None:
               "else ~/.cache/bmoe/tokens].")
 @click.option("--stop-at", type=click.IntRange(1, 10**9), help="Stop after this step's checkpoint, as if interrupted "
               "(--resume continues).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="Run the training step as one CUDA graph, captured "
+              "once and replayed (--device cuda, one rank; under torchrun the step stays eager) [default: off].")
+@click.option("--compile/--no-compile", "compiled", default=None, help="torch.compile the model's loss (--device cuda) "
+              "[default: off].")
 @user_errors
 def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, heads, dropout, steps, batch, seq, lr,
               eval_every, log_every, per_tensor_scale, ternary_parts, tokenizer, bpe_vocab, device, seed, resume,
-              cache_dir, stop_at):
+              cache_dir, stop_at, cuda_graphs, compiled):
     """Train a ButterflyMoE language model (or a baseline) on a text corpus.
 
     Data-parallel on G GPUs: torchrun --nproc_per_node G -m bmoe_runtime.cli train --device cuda ...
@@ -107,7 +111,7 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
     try:
         train(data, out, preset, {k: v for k, v in model.items() if v is not None},
               {k: v for k, v in run.items() if v is not None}, tokenizer, bpe_vocab, device, resume, log=click.echo,
-              cache_dir=cache_dir, stop_at=stop_at)
+              cache_dir=cache_dir, stop_at=stop_at, cuda_graphs=cuda_graphs, compiled=compiled)
     except KeyError as exc:  # a saved training state without a field the trainer needs
         if not resume:
             raise

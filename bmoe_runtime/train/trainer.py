@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bmoe_runtime.choices import PRESET_NAMES
-from bmoe_runtime.errors import BmoeError
+from bmoe_runtime.errors import BmoeError, one_line
 from bmoe_runtime.format.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from bmoe_runtime.nn.model import ModelConfig, MoELM
 from bmoe_runtime.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
@@ -27,6 +27,7 @@ from bmoe_runtime.train.data import CorpusSource, require_windows, scan_corpus, 
 from bmoe_runtime.train.distributed import (Ranks, any_rank, barrier, gather, mean, ranks_from_env, share, start,
                                             stop)
 from bmoe_runtime.train.shards import TokenSplit, open_shards, prepare_tokens, trained_bpe
+from bmoe_runtime.train.step import GraphedStep, eager_step, portable_optimizer_state
 
 
 @dataclass
@@ -65,6 +66,27 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 
 
 assert tuple(PRESETS) == PRESET_NAMES
+
+# What a CUDA run does when neither --[no-]cuda-graphs nor --[no-]compile is given. Off until GPU measurements
+# (benchmarks/gpu_check_training.sh) show a gain at every measured shape; see docs/training.md.
+CUDA_GRAPHS_BY_DEFAULT = False
+COMPILE_BY_DEFAULT = False
+
+
+def step_options(cuda_graphs: bool | None, compiled: bool | None, device: str, world: int, log) -> tuple[bool, bool]:
+    """(CUDA graph?, torch.compile?) for this run. None: the default (on CUDA only). Asked for on another device:
+    an error. A CUDA graph runs on one rank: under DDP the step runs eagerly (said when it was asked for)."""
+    on_cuda = device.startswith("cuda")
+    for flag, asked in (("--cuda-graphs", cuda_graphs), ("--compile", compiled)):
+        if asked and not on_cuda:
+            raise BmoeError(f"{flag} needs --device cuda (it is measured and tested on CUDA only)")
+    graphed = on_cuda and (CUDA_GRAPHS_BY_DEFAULT if cuda_graphs is None else cuda_graphs)
+    compiled = on_cuda and (COMPILE_BY_DEFAULT if compiled is None else compiled)
+    if graphed and world > 1:
+        if cuda_graphs:
+            log(f"--cuda-graphs: a CUDA graph step runs on one rank only; on {world} ranks the step runs eagerly")
+        graphed = False
+    return graphed, compiled
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -159,12 +181,15 @@ def stop_requests():
 
 def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = None, train_overrides: dict | None = None,
           tokenizer: str = "byte", bpe_vocab: int = 4096, device: str = "cpu", resume: bool = False,
-          log=print, cache_dir: str | None = None, stop_at: int | None = None) -> dict:
+          log=print, cache_dir: str | None = None, stop_at: int | None = None, cuda_graphs: bool | None = None,
+          compiled: bool | None = None) -> dict:
     """Train (or resume) a model and write `out`; returns the final metrics (on rank 0; {} on other ranks).
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every rank trains its share of each global batch with
     DistributedDataParallel; rank 0 alone tokenizes, evaluates, logs and writes checkpoints. `stop_at`: stop
-    after that step's checkpoint, as if interrupted there (a job slot ends; a resume test).
+    after that step's checkpoint, as if interrupted there (a job slot ends; a resume test). `cuda_graphs`,
+    `compiled`: run the step as a CUDA graph (one rank) / through torch.compile; None = the default (off). Neither
+    is saved: a run may resume with either changed.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
@@ -172,6 +197,7 @@ def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = No
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     ranks = ranks_from_env()
     say = log if ranks.main else (lambda *a: None)
+    graphed, compiled = step_options(cuda_graphs, compiled, device, ranks.world, say)
     m_over, t_over = PRESETS[preset]
     tc = replace(TrainConfig(), **{**t_over, **(train_overrides or {})})
 
@@ -195,13 +221,14 @@ def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = No
     try:
         with stop_requests() as asked:
             return _train(data, out, preset, m_over, overrides, tc, ckpt, tokenizer, bpe_vocab, device, ranks, say,
-                          cache_dir, stop_at, asked)
+                          cache_dir, stop_at, asked, graphed, compiled)
     finally:
         stop(ranks)
 
 
 def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | None, tokenizer: str, bpe_vocab: int,
-           device: str, ranks: Ranks, log, cache_dir, stop_at: int | None, asked: threading.Event) -> dict:
+           device: str, ranks: Ranks, log, cache_dir, stop_at: int | None, asked: threading.Event, graphed: bool,
+           compiled: bool) -> dict:
     state = ckpt["train_state"] if ckpt else None
     if ranks.main:  # tokenize once (or find the cached shards); the other ranks map the same files
         source = scan_corpus(data)
@@ -252,7 +279,7 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
 
     def checkpoint(metrics: dict, rngs: list[dict]) -> None:
         save_checkpoint(out, model, tok, metrics, train_state={
-            "step": step, "train_config": asdict(tc), "optimizer": opt.state_dict(), "history": history,
+            "step": step, "train_config": asdict(tc), "optimizer": portable_optimizer_state(opt), "history": history,
             "train_curve": curve, "data_stream": {"sampler": SAMPLER, "seed": tc.seed, "next_step": step,
                                                   "corpus_sha256": shards.meta["corpus"]["sha256"]},
             "rng": {"world": ranks.world, "cpu": [r["cpu"] for r in rngs], "cuda": [r["cuda"] for r in rngs]}})
@@ -268,22 +295,13 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
     t0, tokens_seen = time.time(), 0
     # tokens/s at steady state: the first steps (allocator, kernels, compilation) and evaluations not timed
     timed_from, t_timed, eval_seconds = min(step + 5, tc.steps), None, 0.0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else \
-        torch.autocast("cpu", enabled=False)
     rows = tc.batch // ranks.world
+    run_step = _make_step(net, model, opt, tc, rows, graphed, compiled, log)
     bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not ranks.main)
     while step < tc.steps:
         starts = step_starts(tc.seed, step, len(splits["train"]), tc.batch, tc.seq)
         x, y = splits["train"].windows(starts[ranks.rank * rows:(ranks.rank + 1) * rows], tc.seq)
-        x, y = x.to(device), y.to(device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        with autocast:
-            loss, ce = net(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        _, ce = run_step(x, y, lr_at(step, tc))  # ce stays on the device: read at logged steps only
         step += 1
         tokens_seen += tc.batch * tc.seq
         bar.update(1)
@@ -327,7 +345,8 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         metrics = {**final, "history": history, "train_curve": curve, "train_tokens": step * tc.batch * tc.seq,
                    "train_seconds": elapsed, "params": n_params, "corpus": shards.meta["corpus"]["name"],
                    "tokenizer": tok.to_dict()["kind"], "preset": preset, "train_config": asdict(tc),
-                   "world_size": ranks.world, "steady_tokens_per_s": steady}
+                   "world_size": ranks.world, "steady_tokens_per_s": steady, "cuda_graphs": graphed,
+                   "compiled": compiled}
         if device.startswith("cuda"):
             metrics["peak_gpu_bytes_rank0"] = torch.cuda.max_memory_allocated(device)
         checkpoint(metrics, rngs)
@@ -337,6 +356,23 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
             f"wrote {out}")
     barrier(ranks)  # the other ranks leave once rank 0 has written the checkpoint
     return metrics
+
+
+def _make_step(net: nn.Module, model: MoELM, opt: torch.optim.Optimizer, tc: TrainConfig, rows: int, graphed: bool,
+               compiled: bool, log):
+    """The eager step over `net` (the model's loss, DDP-wrapped on several ranks) or the CUDA-graph step."""
+    loss_fn = torch.compile(net) if compiled else net
+    if not graphed:
+        return eager_step(loss_fn, model, opt, tc.grad_clip)
+    t0 = time.perf_counter()
+    try:
+        step = GraphedStep(loss_fn, model, opt, tc.grad_clip, rows, tc.seq)
+    except RuntimeError as exc:  # e.g. an op that synchronises with the host, which capture refuses
+        raise BmoeError(f"--cuda-graphs: the training step could not be captured as a CUDA graph "
+                        f"({one_line(exc, 300)}); run without --cuda-graphs") from None
+    log(f"training step captured as a CUDA graph{' (compiled)' if compiled else ''} in "
+        f"{time.perf_counter() - t0:.1f}s")
+    return step
 
 
 def _now(device: str) -> float:
