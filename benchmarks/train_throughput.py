@@ -1,17 +1,22 @@
 """Training throughput on one GPU: steady-state tokens/s and peak memory of the trainer's own step.
 
-The step is the trainer's: MoELM under bf16 autocast, `make_optimizer`'s AdamW, gradient
-clipping; random token batches (vocab 8192, batch 32 × seq 128). Shapes from issue 13:
-dense MoE d512/4 layers/N=8 and ButterflyMoE d512/4 layers/N=8, 64, 256 and d1024/8 layers/
-d_ff 4096/N=64, each with the fused CUDA butterfly and with the PyTorch reference
-(`--modes`), optionally under torch.compile (`compiled`) or captured once as a CUDA graph and
-replayed (`graphed`: the step's GPU cost without Python and launch overhead; the trainer does
-not do this). Step times are CUDA-event medians over `--steps` steps after `--warmup`; spread is
-the interquartile range. Peak memory is torch.cuda.max_memory_allocated over the timed steps
-(weights, AdamW state, activations).
+The step is the trainer's (bmoe_runtime.train.step): MoELM under bf16 autocast, `make_optimizer`'s
+AdamW, gradient clipping; random token batches made on the GPU (vocab 8192, batch 32 × seq 128).
+Shapes from issue 13: dense MoE d512/4 layers/N=8 and ButterflyMoE d512/4 layers/N=8, 64, 256 and
+d1024/8 layers/d_ff 4096/N=64. Modes (`--modes`): `fused` the eager step (fused CUDA butterfly),
+`reference` the same with the PyTorch butterfly, `compiled` the eager step over torch.compile(model.loss)
+(the trainer's --compile), `graphed` the trainer's CUDA-graph step (--cuda-graphs), `compiled-graphed`
+both. Step times are CUDA-event medians over `--steps` steps after `--warmup`; spread is the
+interquartile range. Peak memory is torch.cuda.max_memory_allocated over the timed steps (weights,
+AdamW state, activations). `warmup_s` is the time from building the model to the end of the warm-up
+steps: it holds torch.compile's compilation and the graph's warm-up and capture.
 
-    python benchmarks/train_throughput.py [--only NAME ...] [--modes fused reference compiled graphed]
-        [--profile NAME ...] [--valid-check DATA_DIR] [--out runs/train_throughput.json] [--update-docs]
+    python benchmarks/train_throughput.py [--only NAME ...] [--modes fused reference compiled graphed
+        compiled-graphed] [--time-budget S] [--profile NAME ...] [--valid-check DATA_DIR]
+        [--out runs/train_throughput.json] [--update-docs]
+
+Measurements run mode by mode, shape by shape; with --time-budget none starts after S seconds (those
+left out are listed under "skipped" in the results file, which is rewritten after each measurement).
 
 --profile NAME ... adds a torch.profiler summary (GPU time by kernel) of those shapes' fused steps.
 --valid-check trains the paper preset for a few hundred steps twice (fused, reference; same
@@ -34,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bmoe_runtime.nn import butterfly  # noqa: E402
 from bmoe_runtime.nn.model import ModelConfig, MoELM  # noqa: E402
+from bmoe_runtime.train.step import GraphedStep, eager_step  # noqa: E402
 from bmoe_runtime.train.trainer import TrainConfig, make_optimizer  # noqa: E402
 
 VOCAB, BATCH, SEQ = 8192, 32, 128
@@ -66,58 +72,22 @@ SHAPES = [
 ]
 
 
-def make_step(shape: Shape, compiled: bool):
+MODES = ["fused", "reference", "compiled", "graphed", "compiled-graphed"]
+
+
+def make_step(shape: Shape, mode: str):
+    """The trainer's step (eager or its CUDA graph, over model.loss or its torch.compile) on random batches."""
     torch.manual_seed(0)
     model = MoELM(shape.config()).cuda().train()
     opt = make_optimizer(model, TrainConfig())
-    loss_fn = torch.compile(model.loss) if compiled else model.loss
+    loss_fn = torch.compile(model.loss) if mode.startswith("compiled") else model.loss
+    run = GraphedStep(loss_fn, model, opt, 1.0, BATCH, SEQ) if mode.endswith("graphed") else \
+        eager_step(loss_fn, model, opt, 1.0)
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def step() -> None:
         ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda", generator=g)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = loss_fn(ids[:, :-1], ids[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    return model, opt, step
-
-
-def make_graphed_step(shape: Shape):
-    """The same step captured once as a CUDA graph and replayed (no Python or launch overhead per step):
-    what the step costs on the GPU itself. Needs a sync-free step and AdamW(capturable=True)."""
-    torch.manual_seed(0)
-    model = MoELM(shape.config()).cuda().train()
-    opt = make_optimizer(model, TrainConfig())
-    for group in opt.param_groups:
-        group["capturable"] = True
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda", generator=g)
-
-    def body() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            loss, _ = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph (Triton compiles, AdamW state)
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-
-    def step() -> None:
-        ids.copy_(torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda", generator=g))
-        graph.replay()
+        run(ids[:, :-1], ids[:, 1:], 1e-3)
 
     return model, opt, step
 
@@ -126,15 +96,14 @@ def measure(shape: Shape, mode: str, warmup: int, steps: int) -> dict:
     butterfly.use_fused(mode != "reference")
     try:
         torch.cuda.empty_cache()
-        if mode == "graphed":
-            model, opt, step = make_graphed_step(shape)
-        else:
-            model, opt, step = make_step(shape, compiled=mode == "compiled")
+        torch._dynamo.reset()  # every model compiles afresh (past dynamo's recompile limit it would run eagerly)
         t0 = time.perf_counter()
+        model, opt, step = make_step(shape, mode)
         for _ in range(warmup):
             step()
         torch.cuda.synchronize()
         warm_s = time.perf_counter() - t0
+        torch.cuda.empty_cache()  # the warm-up's cached blocks; a graph's private pool stays reserved
         torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(steps):
@@ -149,7 +118,8 @@ def measure(shape: Shape, mode: str, warmup: int, steps: int) -> dict:
         med = statistics.median(ms)
         return {"shape": shape.name, "mode": mode, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
                 "step_ms": med, "step_ms_q1": q[0], "step_ms_q3": q[2], "tokens_per_s": BATCH * SEQ / med * 1e3,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s}
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "warmup_s": warm_s}
     finally:
         butterfly.use_fused(True)
 
@@ -157,7 +127,7 @@ def measure(shape: Shape, mode: str, warmup: int, steps: int) -> dict:
 def profile(shape: Shape, steps: int = 5) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-    _, _, step = make_step(shape, compiled=False)
+    _, _, step = make_step(shape, "fused")
     for _ in range(5):
         step()
     torch.cuda.synchronize()
@@ -193,22 +163,26 @@ def valid_check(data_dir: str, steps: int) -> dict:
 
 def table(results: list[dict]) -> str:
     dense = {r["mode"]: r for r in results if r["shape"] == "dense-d512-N8"}
-    lines = ["| shape | step | tokens/s | step ms (median [q1, q3]) | peak GiB | vs dense N=8 (time / memory) |",
-             "|---|---|---|---|---|---|"]
+    eager = {r["shape"]: r for r in results if r["mode"] == "fused"}
+    lines = ["| shape | step | tokens/s | step ms (median [q1, q3]) | peak GiB allocated (reserved) "
+             "| vs dense N=8 (time / memory) | tokens/s vs fused |", "|---|---|---|---|---|---|---|"]
     for r in results:
         base = dense.get("fused" if r["mode"] == "reference" else r["mode"]) or dense.get("fused")
         same_shape = next(s for s in SHAPES if s.name == r["shape"]).d_model == SHAPES[0].d_model
         ratio = f"{r['step_ms'] / base['step_ms']:.2f}× / {r['peak_gib'] / base['peak_gib']:.2f}×" \
             if base and same_shape else "–"
+        reserved = f" ({r['peak_reserved_gib']:.2f})" if "peak_reserved_gib" in r else ""
+        gain = f"{r['tokens_per_s'] / eager[r['shape']]['tokens_per_s']:.2f}×" if r["shape"] in eager else "–"
         lines.append(f"| {r['shape']} | {r['mode']} | {r['tokens_per_s'] / 1e3:,.0f} k | {r['step_ms']:.2f} "
-                     f"[{r['step_ms_q1']:.2f}, {r['step_ms_q3']:.2f}] | {r['peak_gib']:.2f} | {ratio} |")
+                     f"[{r['step_ms_q1']:.2f}, {r['step_ms_q3']:.2f}] | {r['peak_gib']:.2f}{reserved} | {ratio} | {gain} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="shape names (default: all)")
-    ap.add_argument("--modes", nargs="*", default=["fused", "reference"], choices=["fused", "reference", "compiled", "graphed"])
+    ap.add_argument("--modes", nargs="*", default=["fused", "reference"], choices=MODES)
+    ap.add_argument("--time-budget", type=float, metavar="S", help="start no measurement after S seconds")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", nargs="*", default=[], help="shape names to profile (fused step)")
@@ -235,25 +209,33 @@ def main() -> None:
               f"batch {BATCH} × seq {SEQ}, top-2, paper expert form; medians of {args.steps} steps after "
               f"{args.warmup} warm-up steps")
     print(header, flush=True)
-    results = []
-    for shape in shapes:
-        for mode in args.modes:
+    results, failed, skipped = [], [], []
+    out = {"setup": header, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results,
+           "failed": failed, "skipped": skipped}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    for mode in args.modes:
+        for shape in shapes:
             if mode == "reference" and shape.variant == "dense":
                 continue  # no butterfly: the reference path is the same step
+            if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+                skipped.append({"shape": shape.name, "mode": mode})
+                print(f"{shape.name:22s} {mode:16s} skipped: time budget of {args.time_budget:.0f} s spent", flush=True)
+                continue
             try:
                 r = measure(shape, mode, args.warmup, args.steps)
             except Exception as e:  # a mode that cannot run here (e.g. graph capture) is reported, not fatal
-                print(f"{shape.name:22s} {mode:9s} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                failed.append({"shape": shape.name, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"{shape.name:22s} {mode:16s} failed: {failed[-1]['error']}", flush=True)
                 continue
             results.append(r)
-            print(f"{r['shape']:22s} {mode:9s} {r['tokens_per_s'] / 1e3:8.1f} k tok/s  {r['step_ms']:7.2f} ms "
-                  f"[{r['step_ms_q1']:.2f}, {r['step_ms_q3']:.2f}]  peak {r['peak_gib']:.2f} GiB  "
-                  f"(warm-up {r['warmup_s']:.1f} s)", flush=True)
-    out = {"setup": header, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
+            print(f"{r['shape']:22s} {mode:16s} {r['tokens_per_s'] / 1e3:8.1f} k tok/s  {r['step_ms']:7.2f} ms "
+                  f"[{r['step_ms_q1']:.2f}, {r['step_ms_q3']:.2f}]  peak {r['peak_gib']:.2f} ({r['peak_reserved_gib']:.2f} reserved) GiB  "
+                  f"(build + warm-up {r['warmup_s']:.1f} s)", flush=True)
+            Path(args.out).write_text(json.dumps(out, indent=1))  # after each: a later one may fail or time out
     md = table(results)
     print(md)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))  # written after each part: a later one may fail
+    Path(args.out).write_text(json.dumps(out, indent=1))
     for name in args.profile:
         out.setdefault("profiles", {})[name] = prof = profile(next(s for s in SHAPES if s.name == name))
         print(f"profile of {name} (fused step, 5 steps):\n{prof}", flush=True)
