@@ -3,6 +3,7 @@
 #pragma once
 #include <onnxruntime_c_api.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -70,6 +71,30 @@ void parallel_for(const OrtApi* api, OrtKernelContext* ctx, size_t n, Task& task
   if (n == 1) return task(size_t{0});
   auto tramp = [](void* p, size_t i) { (*static_cast<Task*>(p))(i); };
   check_ort(api, api->KernelContext_ParallelFor(ctx, tramp, n, 0, &task));
+}
+
+// CPUs this process may run on (sched affinity; at least 1), read once.
+size_t usable_cpus();
+
+// Runs body(i) for every i in [0, n) on ORT's intra-op pool with one task per pool thread: at most
+// min(n, usable_cpus()) tasks, each claiming the next unclaimed i until none is left. Items are meant to be
+// contiguous slabs (one sequential stream each); claiming balances them without knowing the pool's size, which
+// the custom-op API does not tell. `body` must not throw.
+template <class Body>
+void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n, Body& body) {
+  if (n <= 1) {
+    if (n == 1) body(size_t{0});
+    return;
+  }
+  std::atomic<size_t> next{0};
+  auto task = [&](size_t) {
+    for (size_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed))
+      body(i);
+  };
+  const size_t tasks = n < usable_cpus() ? n : usable_cpus();
+  if (tasks <= 1) return task(0);
+  auto tramp = [](void* p, size_t i) { (*static_cast<decltype(task)*>(p))(i); };
+  check_ort(api, api->KernelContext_ParallelFor(ctx, tramp, tasks, 0, &task));
 }
 
 }  // namespace bmoe

@@ -31,6 +31,10 @@ using F32Kernel = bool (*)(const float* A, size_t M, size_t Kp, const uint8_t* W
 using I8Kernel = bool (*)(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M, size_t Kp,
                           const uint8_t* W, size_t Kb, size_t N, const float* scale, float* Y, size_t ldy);
 
+// act_quant's row quantization (docs/ops.md): a[0..K) → q[0..Kp) in qpos order (zeros past K),
+// *qscale = max|a| / 127 (0 for an all-zero row, then q is all 0); returns Σ q. Bit-identical in every variant.
+using Quantize = int32_t (*)(const float* a, size_t K, size_t Kp, int8_t* q, float* qscale);
+
 // fn(m0, std::integral_constant<int, R>) over rows [0, M): blocks of R = Max rows, then one block of
 // the M % Max left, so register-blocked kernels get their row count as a compile-time constant.
 // `static` for the same reason as chunk_ptr below.
@@ -62,18 +66,32 @@ static inline const uint8_t* chunk_ptr(const uint8_t* row, size_t c, size_t Kb, 
 // ---- Exact fp32 at small M with a constant W: table lookups over trit triples (T-MAC style).
 // At kernel creation a constant W is repacked ("LUT layout"): rows in groups of kLutRows = 16;
 // trits k = 3i, 3i+1, 3i+2 of a row form the base-3 index d0 + 3·d1 + 9·d2 (d = t + 1, 0…26),
-// six indices per dword (bits 5s…5s+4 hold triple 6j+s), and for row group g and dword
-// column j the 16 rows' dwords are contiguous: word (g·J + j)·16 + r, J = ceil(K / 18).
-// Trits past K and rows past N hold index 13 (all zero). Per call and row of A, table
-// tab[(6j+s)·32 + i] = Σ_c t_c(i)·a[18j + 3s + c] for i < 27 (partial sums in a fixed
-// order, zero trits skipped), 0 for i ≥ 27; each index is then one table lookup.
-constexpr size_t kLutRows = 16, kLutK = 18;
+// six indices per dword (bits 5s…5s+4 hold triple 6j+s), J = ceil(K / 18) dword columns.
+// Groups are stored in slabs of kLutSlab = 16 groups (256 rows), each slab in K blocks of kLutJb = 32
+// columns, and within a block group by group: in slab b (nb ≤ 16 groups), block q (w ≤ 32 columns), the
+// word of row r of group g = 16·b + i at column j = 32·q + c is
+//   (16·b·J + 32·q·nb + i·w + c)·16 + r.
+// A kernel walking a slab block by block, 4 groups at a time, reads it as one stream (8 KiB at a time)
+// while each block's 24 KiB of tables is reused from L1 by the slab's 16 groups.
+// Trits past K and rows past N hold index 13 (all zero).
+// Per call and row of A, table tab[(6j+s)·32 + i] = Σ_c t_c(i)·a[18j + 3s + c] for i < 27
+// (partial sums in a fixed order, zero trits skipped), 0 for i ≥ 27; each index is then one lookup.
+constexpr size_t kLutRows = 16, kLutK = 18, kLutSlab = 16, kLutJb = 32;
 inline size_t lut_cols(size_t K) { return (K + kLutK - 1) / kLutK; }  // J
+inline size_t lut_groups(size_t N) { return (N + kLutRows - 1) / kLutRows; }
+inline size_t lut_slabs(size_t N) { return (lut_groups(N) + kLutSlab - 1) / kLutSlab; }
+inline size_t lut_word(size_t G, size_t J, size_t g, size_t j, size_t r) {
+  const size_t b = g / kLutSlab, nb = G - b * kLutSlab < kLutSlab ? G - b * kLutSlab : kLutSlab;
+  const size_t q = j / kLutJb, w = J - q * kLutJb < kLutJb ? J - q * kLutJb : kLutJb;
+  return (b * kLutSlab * J + q * kLutJb * nb + g % kLutSlab * w + j % kLutJb) * kLutRows + r;
+}
 
 // tab (6·J·32 floats) for activations a[0..18·J) (caller zero-pads past K).
 using LutTables = void (*)(const float* a, size_t J, float* tab);
-// Y[n] = scale[n] · Σ_j,s tab[(6j+s)·32 + index(n, j, s)] for n in row groups [g0, g1), n < N.
-using LutKernel = void (*)(const float* tab, size_t J, const uint32_t* Wl, size_t g0, size_t g1, const float* scale,
+// Y[n] = scale[n] · Σ_j,s tab[(6j+s)·32 + index(n, j, s)] for the rows n < N of slabs [b0, b1). Summation
+// order, the same in every variant (so they give the same bits): per K block, the even-s and the odd-s terms
+// in increasing (j, s) order into two sums, the even one starting from the previous blocks' total, then added.
+using LutKernel = void (*)(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_t b1, const float* scale,
                            size_t N, float* Y);
 
 struct Kernels {
@@ -81,7 +99,10 @@ struct Kernels {
   I8Kernel i8;
   LutTables lut_tables;  // nullptr: the variant has no LUT path
   LutKernel lut;
+  Quantize quantize;
 };
+
+int32_t quantize_scalar(const float*, size_t, size_t, int8_t*, float*);
 
 void lut_tables_scalar(const float*, size_t, float*);
 void lut_scalar(const float*, size_t, const uint32_t*, size_t, size_t, const float*, size_t, float*);
@@ -94,6 +115,7 @@ bool f32_avx2(const float*, size_t, size_t, const uint8_t*, size_t, size_t, cons
 bool i8_avx2(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
              const float*, float*, size_t);
 bool f32_avx512(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
+int32_t quantize_avx512(const float*, size_t, size_t, int8_t*, float*);
 void lut_tables_avx512(const float*, size_t, float*);
 void lut_avx512(const float*, size_t, const uint32_t*, size_t, size_t, const float*, size_t, float*);
 bool i8_avx512(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,

@@ -179,35 +179,35 @@ inline __m512 lut_half(const float* x) {
   return e;
 }
 
-// Adds the raw sums over dword columns [j0, j1) of G row groups (16 rows each) starting at Wl to io[G].
-template <int G>
-inline void lut_groups(const float* tab, size_t J, const uint32_t* Wl, size_t j0, size_t j1, __m512* io) {
-  __m512 acc[G][2];
-  for (int g = 0; g < G; ++g) acc[g][0] = io[g], acc[g][1] = _mm512_setzero_ps();
-  const size_t ahead = j1 - j0;  // this group's next K block: read after every other group's current one
-  for (size_t j = j0; j < j1; ++j) {
-    __m512i x[G];
-    for (int g = 0; g < G; ++g) x[g] = _mm512_loadu_si512(Wl + (g * J + j) * kLutRows);
-    if (j + ahead < J)  // DRAM-resident weights: the block runs are short, so prefetch them into L2 ourselves
-      for (int g = 0; g < G; ++g)
-        _mm_prefetch(reinterpret_cast<const char*>(Wl + (g * J + j + ahead) * kLutRows), _MM_HINT_T1);
-    const float* t = tab + 6 * 32 * j;
+// Software prefetch distance: one 4-group pass of a block ahead (the next 8 KiB of the slab's stream); the
+// hardware prefetcher alone leaves the loop waiting on weights from DRAM.
+constexpr size_t kLutAhead = 4 * kLutJb * kLutRows;  // words
+
+// io[g] += the sums of groups g < NG over the w ≤ kLutJb columns of one K block (Wl: group 0's first word,
+// groups w·16 words apart), in lut_scalar's order.
+template <int NG>
+inline void lut_block(const float* tab, size_t w, const uint32_t* Wl, __m512* io) {
+  __m512 acc[NG][2];
+  for (int g = 0; g < NG; ++g) acc[g][0] = io[g], acc[g][1] = _mm512_setzero_ps();
+  for (size_t j = 0; j < w; ++j, tab += 6 * 32) {
+    __m512i x[NG];
+    for (int g = 0; g < NG; ++g) {
+      const uint32_t* p = Wl + (g * w + j) * kLutRows;
+      x[g] = _mm512_loadu_si512(p);
+      _mm_prefetch(reinterpret_cast<const char*>(p + kLutAhead), _MM_HINT_T0);
+    }
 #define BMOE_LUT(s)                                                                                     \
   {                                                                                                     \
-    const __m512 lo = _mm512_load_ps(t + 32 * (s)), hi = _mm512_load_ps(t + 32 * (s) + 16);             \
-    for (int g = 0; g < G; ++g)                                                                         \
+    const __m512 lo = _mm512_load_ps(tab + 32 * (s)), hi = _mm512_load_ps(tab + 32 * (s) + 16);         \
+    for (int g = 0; g < NG; ++g)                                                                        \
       acc[g][(s) & 1] = _mm512_add_ps(                                                                  \
           acc[g][(s) & 1], _mm512_permutex2var_ps(lo, (s) ? _mm512_srli_epi32(x[g], 5 * (s)) : x[g], hi)); \
   }
     BMOE_LUT(0) BMOE_LUT(1) BMOE_LUT(2) BMOE_LUT(3) BMOE_LUT(4) BMOE_LUT(5)
 #undef BMOE_LUT
   }
-  for (int g = 0; g < G; ++g) io[g] = _mm512_add_ps(acc[g][0], acc[g][1]);
+  for (int g = 0; g < NG; ++g) io[g] = _mm512_add_ps(acc[g][0], acc[g][1]);
 }
-
-// Dword columns per K block: 32 · 6 tables of 128 B = 24 KB, kept in L1 while every
-// block of 4 row groups of the range passes over them.
-constexpr size_t kLutJb = 32, kLutMaxGroups = 64;
 
 }  // namespace
 
@@ -218,30 +218,66 @@ void lut_tables_avx512(const float* a, size_t J, float* tab) {
   }
 }
 
-void lut_avx512(const float* tab, size_t J, const uint32_t* Wl, size_t g0, size_t g1, const float* scale, size_t N,
+void lut_avx512(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_t b1, const float* scale, size_t N,
                 float* Y) {
-  for (; g0 < g1; g0 += kLutMaxGroups) {
-    const size_t ng = std::min(kLutMaxGroups, g1 - g0);
-    __m512 acc[kLutMaxGroups];
-    for (size_t i = 0; i < ng; ++i) acc[i] = _mm512_setzero_ps();
+  const size_t G = lut_groups(N);
+  for (size_t b = b0; b < b1 && b * kLutSlab < G; ++b) {
+    const size_t g0 = b * kLutSlab, nb = std::min(kLutSlab, G - g0);
+    const uint32_t* slab = Wl + g0 * J * kLutRows;
+    __m512 acc[kLutSlab];
+    for (size_t i = 0; i < nb; ++i) acc[i] = _mm512_setzero_ps();
     for (size_t j0 = 0; j0 < J; j0 += kLutJb) {
-      const size_t j1 = std::min(J, j0 + kLutJb);
-      for (size_t i = 0; i < ng; i += 4) {
-        const uint32_t* w = Wl + (g0 + i) * J * kLutRows;
-        switch (std::min<size_t>(4, ng - i)) {
-          case 4: lut_groups<4>(tab, J, w, j0, j1, acc + i); break;
-          case 3: lut_groups<3>(tab, J, w, j0, j1, acc + i); break;
-          case 2: lut_groups<2>(tab, J, w, j0, j1, acc + i); break;
-          default: lut_groups<1>(tab, J, w, j0, j1, acc + i); break;
+      const size_t w = std::min(kLutJb, J - j0);
+      const uint32_t* block = slab + j0 * nb * kLutRows;
+      for (size_t i = 0; i < nb; i += 4) {
+        const uint32_t* p = block + i * w * kLutRows;
+        switch (std::min<size_t>(4, nb - i)) {
+          case 4: lut_block<4>(tab + 6 * 32 * j0, w, p, acc + i); break;
+          case 3: lut_block<3>(tab + 6 * 32 * j0, w, p, acc + i); break;
+          case 2: lut_block<2>(tab + 6 * 32 * j0, w, p, acc + i); break;
+          default: lut_block<1>(tab + 6 * 32 * j0, w, p, acc + i); break;
         }
       }
     }
-    for (size_t i = 0; i < ng; ++i) {
+    for (size_t i = 0; i < nb; ++i) {
       const size_t n = (g0 + i) * kLutRows, live = std::min<size_t>(kLutRows, N - n);
       const __mmask16 m = static_cast<__mmask16>((1u << live) - 1);
       _mm512_mask_storeu_ps(Y + n, m, _mm512_mul_ps(acc[i], _mm512_maskz_loadu_ps(m, scale + n)));
     }
   }
+}
+
+int32_t quantize_avx512(const float* a, size_t K, size_t Kp, int8_t* q, float* qscale) {
+  std::memset(q, 0, Kp);
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  __m512 mx = _mm512_setzero_ps();
+  size_t i = 0;
+  for (; i + 16 <= K; i += 16) mx = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(a + i)), mx);  // NaN: keeps mx
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - i)) - 1);
+  mx = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(tail, a + i)), mx);
+  const float amax = _mm512_reduce_max_ps(mx);
+  *qscale = amax > 0.f ? amax / 127.f : 0.f;
+  if (!(amax > 0.f)) return 0;
+  const __m512 s = _mm512_set1_ps(*qscale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __m128i by_shift = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512i sum = _mm512_setzero_si512();
+  for (i = 0; i < K; i += 16) {  // 16 trits = packed bytes 4u..4u+3 of a chunk: 4 bytes at each shift plane
+    const __mmask16 m = K - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - i)) - 1);
+    // As quantize_scalar: v = a / s (exact division), NaN → −127 (max returns its second operand), clamp,
+    // then round half away from zero: trunc(v) plus ±1 where |v − trunc(v)| ≥ 0.5 (all exact).
+    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, a + i), s);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_andnot_ps(sign, _mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m512i r = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, _mm512_or_ps(_mm512_set1_ps(1.f), _mm512_and_ps(sign, v))));
+    sum = _mm512_add_epi32(sum, r);
+    const __m128i b = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(r), by_shift);
+    int8_t* chunk = q + (i & ~size_t(255)) + (i & 255) / 4;
+    alignas(16) int32_t d[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(d), b);
+    for (int sh = 0; sh < 4; ++sh) std::memcpy(chunk + 64 * sh, &d[sh], 4);  // past K: zeros (masked load)
+  }
+  return _mm512_reduce_add_epi32(sum);
 }
 
 bool f32_avx512(const float* A, size_t M, size_t Kp, const uint8_t* W, size_t Kb, size_t N, const float* scale,

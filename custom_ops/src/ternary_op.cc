@@ -21,15 +21,16 @@ using namespace ternary;
 Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(__x86_64__) || defined(__i386__)
-    case Variant::Avx2: return {f32_avx2, i8_avx2, nullptr, nullptr};
+    case Variant::Avx2: return {f32_avx2, i8_avx2, nullptr, nullptr, quantize_scalar};
     case Variant::Avx512:
-      return {f32_avx512, cpu_features().avx512vnni ? i8_avx512vnni : i8_avx512, lut_tables_avx512, lut_avx512};
+      return {f32_avx512, cpu_features().avx512vnni ? i8_avx512vnni : i8_avx512, lut_tables_avx512, lut_avx512,
+              quantize_avx512};
 #endif
 #if defined(__aarch64__)
-    case Variant::Neon: return {f32_neon, i8_neon, nullptr, nullptr};
-    case Variant::Dotprod: return {f32_neon, i8_dotprod, nullptr, nullptr};
+    case Variant::Neon: return {f32_neon, i8_neon, nullptr, nullptr, quantize_scalar};
+    case Variant::Dotprod: return {f32_neon, i8_dotprod, nullptr, nullptr, quantize_scalar};
 #endif
-    default: return {f32_scalar, i8_scalar, lut_tables_scalar, lut_scalar};
+    default: return {f32_scalar, i8_scalar, lut_tables_scalar, lut_scalar, quantize_scalar};
   }
 }
 
@@ -75,7 +76,7 @@ constexpr size_t kLutMaxM = 4;
 void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L) {
   L.N = N;
   L.J = lut_cols(K);
-  L.G = (N + kLutRows - 1) / kLutRows;
+  L.G = lut_groups(N);
   L.w.assign(L.G * L.J * kLutRows, 0);
   unsigned bad = 0;
   for (size_t n = 0; n < L.G * kLutRows; ++n) {
@@ -93,7 +94,7 @@ void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L
         }
         word |= idx << (5 * s);
       }
-      L.w[(n / kLutRows * L.J + j) * kLutRows + n % kLutRows] = word;
+      L.w[lut_word(L.G, L.J, n / kLutRows, j, n % kLutRows)] = word;
     }
   }
   L.bad = bad != 0;
@@ -197,14 +198,11 @@ void Kernel::compute(OrtKernelContext* ctx) const {
       std::fill(xa + k, xa + kLutK * J, 0.f);
       kern.lut_tables(xa, J, tabs + m * tf);
     }
-    // Tasks of whole blocks of 4 row groups; ≥ 16 groups (256 rows) a task so that each K block of
-    // tables is reused from L1 by several blocks, and at most ~64 tasks.
-    const size_t G = lut->G, gpt = std::max<size_t>(16, ((G + 63) / 64 + 3) / 4 * 4), tasks = (G + gpt - 1) / gpt;
-    auto task = [&](size_t t) {
-      const size_t g0 = t * gpt, g1 = std::min(G, g0 + gpt);
-      for (size_t m = 0; m < M; ++m) kern.lut(tabs + m * tf, J, lut->w.data(), g0, g1, sc, N, Y + m * N);
+    // One item a slab (128 rows: one sequential stream of weights), claimed by one task per pool thread.
+    auto slab = [&](size_t b) {
+      for (size_t m = 0; m < M; ++m) kern.lut(tabs + m * tf, J, lut->w.data(), b, b + 1, sc, N, Y + m * N);
     };
-    parallel_for(api, ctx, tasks, task);
+    parallel_claim(api, ctx, lut_slabs(N), slab);
     return;
   }
 
@@ -228,31 +226,10 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   std::vector<float> qscale;
   std::vector<int32_t> qsum;
   if (act_quant) {
-    q.assign(M * Kp, 0);
-    qscale.assign(M, 0.f);
-    qsum.assign(M, 0);
-    std::vector<int8_t> qrow(k);
-    for (size_t m = 0; m < M; ++m) {
-      const float* row = a + m * k;
-      float part[8] = {};  // independent partial maxima: no serial maxss chain
-      for (size_t i = 0; i < k; ++i) part[i % 8] = std::fabs(row[i]) > part[i % 8] ? std::fabs(row[i]) : part[i % 8];
-      const float amax = *std::max_element(part, part + 8);  // NaN never enters a partial
-      if (!(amax > 0.f)) continue;  // all-zero row: Y row is 0 (set below)
-      const float s = amax / 127.f;
-      int32_t sum = 0;
-      for (size_t i = 0; i < k; ++i) {
-        // Clamp first (written so that NaN also lands in range and the cast is defined), then
-        // round half away from zero: exact in double, and inlined unlike std::round.
-        float v = row[i] / s;
-        v = v > -127.f ? v : -127.f;
-        v = v < 127.f ? v : 127.f;
-        qrow[i] = static_cast<int8_t>(static_cast<int>(v + std::copysign(0.5, v)));  // branch-free
-        sum += qrow[i];
-      }
-      for (size_t i = 0; i < k; ++i) q[m * Kp + qpos(i)] = qrow[i];
-      qscale[m] = s;
-      qsum[m] = sum;
-    }
+    q.resize(M * Kp);
+    qscale.resize(M);
+    qsum.resize(M);
+    for (size_t m = 0; m < M; ++m) qsum[m] = kern.quantize(a + m * k, k, Kp, &q[m * Kp], &qscale[m]);
   } else if (Kp != k) {
     apad.assign(M * Kp, 0.f);
     for (size_t m = 0; m < M; ++m) std::copy(a + m * k, a + (m + 1) * k, &apad[m * Kp]);
@@ -260,11 +237,12 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   }
 
   if (M > 0) {
-    // Tiles of up to 64 rows of A × NB rows of W; NB keeps a tile ≥ ~64K MACs and gives ≤ ~64 column tiles.
+    // Tiles of up to 64 rows of A × NB rows of W (a contiguous slab of W); NB keeps a tile ≥ ~64K MACs and gives
+    // ≤ ~64 column tiles. Claimed by one task per pool thread.
     const size_t MB = std::min<size_t>(M, 64);
     const size_t min_nb = (65536 / (MB * Kp) + 7) / 8 * 8;
     size_t NB = std::max<size_t>({8, min_nb, (N + 63) / 64});
-    if (!act_quant && M >= 3) NB = (NB + 31) / 32 * 32;  // whole 32-row panels for the fp32 GEMM kernels
+    if (M >= 3) NB = (NB + 31) / 32 * 32;  // whole 32-row panels for the GEMM kernels (fp32 and int8)
     const size_t mt = (M + MB - 1) / MB, nt = (N + NB - 1) / NB;
     auto task = [&](size_t t) {
       const size_t m0 = t / nt * MB, n0 = t % nt * NB;
@@ -274,7 +252,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
                                : kern.f32(a + m0 * Kp, mc, Kp, w2 + n0 * Kb2, Kb2, nc, sc + n0, Y + m0 * N + n0, N);
       if (b) bad = true;
     };
-    parallel_for(api, ctx, mt * nt, task);
+    parallel_claim(api, ctx, mt * nt, task);
   } else if (!base3) {  // no product to detect invalid codes during: scan the bytes
     const uint8_t* p = w2;
     unsigned acc = 0;

@@ -1,4 +1,7 @@
 // Scalar reference for TernaryMatMul: one trit at a time, straight from the spec.
+#include <algorithm>
+#include <cmath>
+
 #include "ternary.h"
 
 namespace bmoe {
@@ -45,6 +48,28 @@ bool i8_scalar(const int8_t* Q, const float* qscale, const int32_t*, size_t M, s
   return bad != 0;
 }
 
+int32_t quantize_scalar(const float* a, size_t K, size_t Kp, int8_t* q, float* qscale) {
+  std::fill(q, q + Kp, int8_t{0});
+  float part[8] = {};  // independent partial maxima: no serial maxss chain
+  for (size_t i = 0; i < K; ++i) part[i % 8] = std::fabs(a[i]) > part[i % 8] ? std::fabs(a[i]) : part[i % 8];
+  const float amax = *std::max_element(part, part + 8);  // NaN never enters a partial
+  *qscale = amax > 0.f ? amax / 127.f : 0.f;
+  if (!(amax > 0.f)) return 0;  // all-zero row: Y row is 0 (set by the caller)
+  const float s = *qscale;
+  int32_t sum = 0;
+  for (size_t i = 0; i < K; ++i) {
+    // Clamp first (written so that NaN also lands in range and the cast is defined), then
+    // round half away from zero: exact in double.
+    float v = a[i] / s;
+    v = v > -127.f ? v : -127.f;
+    v = v < 127.f ? v : 127.f;
+    const int8_t r = static_cast<int8_t>(static_cast<int>(v + std::copysign(0.5, v)));
+    q[qpos(i)] = r;
+    sum += r;
+  }
+  return sum;
+}
+
 // Reference of the LUT layout (ternary.h): table i of a triple is Σ_c t_c·a_c with
 // t_c = (i / 3^c) % 3 − 1, zero trits skipped.
 void lut_tables_scalar(const float* a, size_t J, float* tab) {
@@ -58,14 +83,19 @@ void lut_tables_scalar(const float* a, size_t J, float* tab) {
   }
 }
 
-void lut_scalar(const float* tab, size_t J, const uint32_t* Wl, size_t g0, size_t g1, const float* scale, size_t N,
+void lut_scalar(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_t b1, const float* scale, size_t N,
                 float* Y) {
-  for (size_t g = g0; g < g1; ++g)
+  const size_t G = lut_groups(N);
+  for (size_t g = b0 * kLutSlab; g < G && g < b1 * kLutSlab; ++g)
     for (size_t r = 0; r < kLutRows && g * kLutRows + r < N; ++r) {
       float acc = 0.f;
-      for (size_t j = 0; j < J; ++j) {
-        const uint32_t w = Wl[(g * J + j) * kLutRows + r];
-        for (size_t s = 0; s < 6; ++s) acc += tab[(6 * j + s) * 32 + ((w >> (5 * s)) & 31u)];
+      for (size_t j0 = 0; j0 < J; j0 += kLutJb) {
+        float sum[2] = {acc, 0.f};  // even and odd s
+        for (size_t j = j0; j < J && j < j0 + kLutJb; ++j) {
+          const uint32_t w = Wl[lut_word(G, J, g, j, r)];
+          for (size_t s = 0; s < 6; ++s) sum[s & 1] += tab[(6 * j + s) * 32 + ((w >> (5 * s)) & 31u)];
+        }
+        acc = sum[0] + sum[1];
       }
       Y[g * kLutRows + r] = scale[g * kLutRows + r] * acc;
     }
