@@ -18,6 +18,8 @@ MatMulNBits nodes also quantize their activations to int8 per block (ACCURACY_LE
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import torch
@@ -120,8 +122,9 @@ def _path(root: nn.Module, target: nn.Module) -> str:
 class _Graph:
     """Just enough graph surgery: fresh names, new initializers, node lists."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, values: Callable[[onnx.TensorProto], np.ndarray]):
         self.g = model.graph
+        self.values = values
         self.inits = {t.name: t for t in self.g.initializer}
         self.producer = {o: n for n in self.g.node for o in n.output}
         self.quantized: dict[tuple[str, int], tuple[str, str, int, int]] = {}
@@ -140,7 +143,7 @@ class _Graph:
         return self._consts[key]
 
     def weight_nk(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name]).astype(np.float32)
+        return self.values(self.inits[name]).astype(np.float32)
 
     def quantize(self, weight: str, bits: int, block_size: int, transpose: bool = False) -> tuple[str, str, int, int]:
         """(blob, scales, N, K) of initializer `weight` as [N, K] (transposed first if it is [K, N]); once per weight."""
@@ -211,13 +214,15 @@ def _linear_weight(gr: _Graph, node: onnx.NodeProto) -> tuple[str, bool] | None:
     return None
 
 
-def compress_graph(model: onnx.ModelProto, formats: dict[str, str], block_size: int = 32) -> dict[str, int]:
+def compress_graph(model: onnx.ModelProto, formats: dict[str, str], block_size: int = 32,
+                   values: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> dict[str, int]:
     """Rewrite `model` in place: int4/int8 components become MatMulNBits / dequantizing Gathers.
+    values: an initializer's array (the exporter's reads weights the proto holds only a reference to).
     Returns how many nodes were rewritten per component; refuses a chosen component with no weights."""
     bits_of = {kind: BITS[fmt] for kind, fmt in formats.items() if fmt in BITS}
     if not bits_of:
         return {}
-    gr = _Graph(model)
+    gr = _Graph(model, values)
     done = {kind: 0 for kind in bits_of}
     nodes: list[onnx.NodeProto] = []
     for node in gr.g.node:

@@ -10,6 +10,10 @@ into place only when complete and checked, so a failed export never leaves a dir
 looks valid, and a killed one's leftovers are removed by the next export to OUTDIR. OUTDIR may
 be absent or empty; a previous bmoe export there is replaced only with force; anything else
 (a user's files) is refused, never deleted.
+
+Memory is bounded by about the checkpoint's size plus a fixed cost (docs/memory.md): the checkpoint
+is mapped, not copied (mapped.py), its model is packed in place, and the weights reach the files
+straight from those tensors, one at a time (external.py), never through a proto holding them all.
 """
 
 from __future__ import annotations
@@ -27,19 +31,19 @@ from torch import nn
 
 from bmoe_runtime.format import op_schemas
 from bmoe_runtime.format.export_dir import check_out_dir, staged_export
-from bmoe_runtime.train.checkpoint import load_model
 from bmoe_runtime.format.manifest import MANIFEST, build_manifest, tensor_kind
 from bmoe_runtime.nn.model import MoELM
 from bmoe_runtime.format.packing import PACKINGS
 
 from .compress import EMBED_FORMATS, LINEAR_FORMATS, compress_graph, prepare_linears
+from .external import DeferredTensors, write_external
 from .genai import genai_files
+from .mapped import load_mapped
 from .packed import ANGLE_DTYPES, pack_banks
 from .torch_ops import TRANSLATIONS
 
 OPSET = 20
-ALIGN = 64
-MODEL_FILE, WEIGHTS_FILE, ANGLES_FILE = "model.onnx", "weights.bin", "angles.bin"
+MODEL_FILE = "model.onnx"
 
 
 @dataclass
@@ -92,51 +96,28 @@ def kv_names(n_layers: int, prefix: str) -> list[str]:
 
 
 def _capture(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-             dynamic_shapes) -> onnx.ModelProto:
+             dynamic_shapes) -> tuple[onnx.ModelProto, DeferredTensors]:
+    """The graph as a proto whose large initializers are placeholders, and the tensors they stand for."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes,
                                     custom_translation_table=TRANSLATIONS, external_data=False, verbose=False)
-    model = program.model_proto
+    tensors = DeferredTensors()
+    tensors.defer(program.model)
+    model = program.model_proto  # without the deferred tensors' bytes
     for node in model.graph.node:  # drop the exporter's per-node stack traces: they triple model.onnx
         del node.metadata_props[:]
         node.doc_string = ""
-    return model
+    return model, tensors
 
 
-def _externalize(model: onnx.ModelProto, out: Path) -> None:
-    """Move every initializer's bytes into weights.bin / angles.bin (aligned) and point the proto at them."""
-    files = {WEIGHTS_FILE: open(out / WEIGHTS_FILE, "wb"), ANGLES_FILE: open(out / ANGLES_FILE, "wb")}
-    try:
-        for t in model.graph.initializer:
-            kind = tensor_kind(t.name)
-            data = onnx.numpy_helper.to_array(t).tobytes()
-            if kind == "other" and len(data) < 4096:
-                continue  # shape constants stay inline: shape inference reads them
-            location = ANGLES_FILE if kind == "angles" else WEIGHTS_FILE
-            f = files[location]
-            offset = -f.tell() % ALIGN
-            f.write(b"\0" * offset)
-            start = f.tell()
-            f.write(data)
-            t.ClearField("raw_data")
-            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-                t.ClearField(field)
-            del t.external_data[:]
-            for key, value in (("location", location), ("offset", str(start)), ("length", str(len(data)))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
-            t.data_location = onnx.TensorProto.EXTERNAL
-    finally:
-        for f in files.values():
-            f.close()
-
-
-def _write_dir(out_dir: Path, model: onnx.ModelProto, meta: dict, extra: dict[str, str], force: bool) -> Path:
+def _write_dir(out_dir: Path, model: onnx.ModelProto, meta: dict, extra: dict[str, str], force: bool,
+               tensors: DeferredTensors | None = None) -> Path:
+    """tensors: the bytes of the proto's placeholder initializers (_capture); None when it holds them all."""
     with staged_export(Path(out_dir), force) as tmp:
-        _externalize(model, tmp)
+        write_external(model, tmp, tensors or DeferredTensors())
         onnx.save(model, tmp / MODEL_FILE)
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         for name, text in extra.items():
@@ -159,24 +140,32 @@ def export_module(module: nn.Module, example_inputs: tuple, out_dir: str | Path,
     """Export any nn.Module containing bmoe layers (its banks are packed on a copy). force: replace
     a previous bmoe export in out_dir."""
     check_out_dir(Path(out_dir), force)  # before minutes of work
+    return _export_owned(copy.deepcopy(module, _detached_memo(module)), example_inputs, out_dir, input_names,
+                         output_names, dynamic_shapes, options, meta, extra_files, force)
+
+
+def _export_owned(module: nn.Module, example_inputs: tuple, out_dir: str | Path, input_names: list[str],
+                  output_names: list[str], dynamic_shapes, options: ExportOptions | None, meta: dict | None,
+                  extra_files: dict[str, str] | None, force: bool) -> Path:
+    """export_module on a module the export may change (its banks and linears are swapped in place)."""
     options = options or ExportOptions()
     op_schemas.register()
-    packed = copy.deepcopy(module, _detached_memo(module)).eval()
-    n_banks = pack_banks(packed, options.packing, options.angle_dtype, options.act_quant)
-    prepare_linears(packed, options.formats(), options.packing, options.act_quant)
+    module.eval()
+    n_banks = pack_banks(module, options.packing, options.angle_dtype, options.act_quant)
+    prepare_linears(module, options.formats(), options.packing, options.act_quant)
     with torch.no_grad():
-        model = _capture(packed, example_inputs, input_names, output_names, dynamic_shapes)
-    compress_graph(model, options.formats(), options.block_size)
+        model, tensors = _capture(module, example_inputs, input_names, output_names, dynamic_shapes)
+    compress_graph(model, options.formats(), options.block_size, tensors.array)
     meta = {"kind": "module", **(meta or {}), "export_options": asdict(options), "expert_banks": n_banks,
             "inputs": input_names, "outputs": output_names}
-    return _write_dir(Path(out_dir), model, meta, extra_files or {}, force)
+    return _write_dir(Path(out_dir), model, meta, extra_files or {}, force, tensors)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
                       force: bool = False) -> Path:
     """Export a bmoe-train checkpoint as an incremental decoder with a KV cache."""
     check_out_dir(Path(out_dir), force)
-    model, tok, ckpt = load_model(checkpoint)
+    model, tok, ckpt = load_mapped(checkpoint)  # weights mapped from the file, not copied
     cfg = model.cfg
     d_head = cfg.d_model // cfg.n_heads
     # Distinct example sizes keep every dynamic dim symbolic in the captured graph.
@@ -192,5 +181,5 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
             "tokenizer": "tokenizer.json", "kv_layout": "[batch, heads, positions, d_head]"}
     inputs = ["input_ids", "attention_mask", "position_ids", *kv_names(cfg.n_layers, "past")]
     extra = genai_files(cfg.to_dict(), tok, inputs=inputs)  # tokenizer.json (Hugging Face) + the GenAI files
-    return export_module(DecodeStep(model), (ids, mask, positions, past), out_dir, inputs,
+    return _export_owned(DecodeStep(model), (ids, mask, positions, past), out_dir, inputs,  # ours: no copy
                          ["logits", *kv_names(cfg.n_layers, "present")], dynamic, options, meta, extra, force)

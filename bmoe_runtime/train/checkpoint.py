@@ -71,12 +71,13 @@ def content_sha256(ckpt: dict) -> str:
     return h.hexdigest()
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """mmap: tensors are views of the file (read on demand; the exporter's bounded memory) instead of copies."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:  # torch's message here is advice to load unsafely: not ours to give
         raise CheckpointError(f"{path} is not a readable checkpoint (not a torch.save file of plain tensors "
                               "and containers: corrupt, or it holds pickled objects bmoe never loads)") from None
