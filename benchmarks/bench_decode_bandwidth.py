@@ -13,14 +13,20 @@ Needs only numpy and onnxruntime (the ONNX models are written by a small protobu
 package is not needed) and libbmoe_ops.so: $BMOE_OPS_LIB, else the installed bmoe_runtime's library.
 
     BMOE_OPS_LIB=build/libbmoe_ops.so python3 benchmarks/bench_decode_bandwidth.py [--threads 1,2,4,8]
-        [--shapes 14336x4096,4096x4096] [--reps 15] [--out runs/bench/decode_bandwidth.md] [--quick]
+        [--shapes 14336x4096,4096x4096] [--reps 15] [--out runs/bench/decode_bandwidth.md] [--json out.json] [--pin]
 
-Writes a markdown table to stdout and --out (default runs/bench/decode_bandwidth/<host>.md); never into docs/.
+--pin runs each thread count T on T distinct physical cores (one logical CPU of each, from sysfs): the process's
+affinity is set before that T's streaming read and before its sessions are created (ORT's pool threads inherit it).
+
+Writes a markdown table to stdout and --out (default runs/bench/decode_bandwidth/<host>.md), and with --json every
+measured time; never into docs/.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import platform
 import statistics
@@ -113,6 +119,27 @@ def llc_bytes() -> int:
         except (OSError, ValueError):
             continue
     return best or 32 << 20
+
+
+def physical_cores() -> list[int]:
+    """One allowed logical CPU per physical core (the first of its SMT siblings), in CPU order."""
+    allowed = sorted(os.sched_getaffinity(0))
+    seen, out = set(), []
+    for cpu in allowed:
+        try:
+            sib = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            sib = str(cpu)
+        if sib not in seen:
+            seen.add(sib)
+            out.append(cpu)
+    return out
+
+
+def pin(threads: int, cores: list[int] | None) -> None:
+    """Restrict this thread (and the threads it creates from now on) to the first `threads` cores."""
+    if cores:
+        os.sched_setaffinity(0, cores[:threads])
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -224,10 +251,14 @@ def main() -> None:
     ap.add_argument("--min-set-mib", type=float, default=256)
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write every measured time here")
+    ap.add_argument("--pin", action="store_true", help="run T threads on T distinct physical cores")
+    ap.add_argument("--prefill-m", type=int, default=128)
     args = ap.parse_args()
 
     lib = ops_library()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = physical_cores() if args.pin else None
+    cpus = len(cores) if cores else len(os.sched_getaffinity(0))
     threads = [t for t in (int(x) for x in args.threads.split(",")) if t <= cpus]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     impls = args.impls.split(",")
@@ -237,11 +268,21 @@ def main() -> None:
     head = [f"# TernaryMatMul decode bandwidth — {cpu_model()}",
             f"{cpus} CPUs available, LLC {llc / 2**20:.0f} MiB, weight set per implementation ≥ "
             f"{set_bytes / 2**20:.0f} MiB; onnxruntime {ort.__version__}; library {lib}; "
-            f"BMOE_KERNEL={os.environ.get('BMOE_KERNEL', '(auto)')}; {args.reps} runs each, median (min–max)", ""]
+            f"BMOE_KERNEL={os.environ.get('BMOE_KERNEL', '(auto)')}; {args.reps} runs each, median (min–max); "
+            f"threads pinned to physical cores: {cores[:max(threads)] if cores else 'no'}", ""]
     print("\n".join(head), flush=True)
+    report = {"cpu": cpu_model(), "cpus": cpus, "llc_bytes": llc, "set_bytes": set_bytes, "onnxruntime": ort.__version__,
+              "library": lib, "library_sha256": hashlib.sha256(Path(lib).read_bytes()).hexdigest(),
+              "bmoe_kernel": os.environ.get("BMOE_KERNEL", ""), "pinned_cores": cores[:max(threads)] if cores else None,
+              "reps": args.reps, "stream_read_gbs": {}, "decode": [], "prefill": []}
+    t_start = time.perf_counter()
 
     big = np.ones(int(max(set_bytes, 512 * 2**20)) // 4, np.float32)  # streaming-read buffer
-    read = {t: stream_read_gbs(big, t, args.reps) for t in threads}
+    read = {}
+    for t in threads:
+        pin(t, cores)
+        read[t] = stream_read_gbs(big, t, args.reps)
+        report["stream_read_gbs"][t] = read[t]
     del big
     for t in threads:
         print(f"streaming read, {t} threads: {fmt(read[t])} GB/s", flush=True)
@@ -251,20 +292,26 @@ def main() -> None:
         "|---|---|---|" + "---|---|---|" * len(impls)]
     for k, n in shapes:
         res: dict[tuple[str, int], tuple[list[float], int]] = {}
+        model, built = b"", None
         for impl in impls:
             per_read = read_bytes(impl, k, n)
             r = max(2, int(-(-set_bytes // per_read)))
-            model = impl_model(impl, k, n, r, rng)
+            if built != (impl.split("@")[0], r):  # impl@variant columns reuse their impl's graph
+                model, built = b"", None
+                model, built = impl_model(impl, k, n, r, rng), (impl.split("@")[0], r)
             a = {"A": rng.standard_normal((1, k)).astype(np.float32)}
             variant = impl.partition("@")[2]
             for t in threads:
+                pin(t, cores)
                 sess = session(model, t, lib, variant)
                 times = timed(lambda: sess.run(None, a), args.reps)
                 res[impl, t] = ([x / r for x in times], per_read)
+                report["decode"].append({"k": k, "n": n, "impl": impl, "threads": t, "nodes": r, "bytes": per_read,
+                                         "seconds_per_product": res[impl, t][0]})
                 print(f"{k}x{n} {impl} R={r} threads={t}: {statistics.median(times) / r * 1e6:.1f} µs/matmul, "
                       f"{per_read / (statistics.median(times) / r) / 1e9:.1f} GB/s", flush=True)
                 del sess
-            del model
+        del model
         for t in threads:
             cells = []
             read_med = statistics.median(read[t])
@@ -276,18 +323,25 @@ def main() -> None:
 
     if not args.no_prefill:  # compute-bound: one weight, in cache
         k = n = 4096
-        lines += ["", "Prefill M=128, 4096×4096 (weights in cache): ms, median (min–max)", "",
+        pm = args.prefill_m
+        lines += ["", f"Prefill M={pm}, 4096×4096 (weights in cache): ms, median (min–max)", "",
                   "| threads | fp32 MatMul | TernaryMatMul exact | vs fp32 | TernaryMatMul act_quant | vs fp32 |",
                   "|---|---|---|---|---|---|"]
-        a = {"A": rng.standard_normal((128, k)).astype(np.float32)}
+        a = {"A": rng.standard_normal((pm, k)).astype(np.float32)}
         models = {impl: impl_model(impl, k, n, 1, rng) for impl in ("fp32", "ternary", "ternary_aq")}
         for t in threads:
+            pin(t, cores)
             ms = {i: timed(lambda s=session(m, t, lib): s.run(None, a), args.reps) for i, m in models.items()}
+            report["prefill"].append({"m": pm, "k": k, "n": n, "threads": t, "seconds": ms})
             med = {i: statistics.median(v) for i, v in ms.items()}
             lines.append(f"| {t} | {fmt(ms['fp32'], 1e3)} | {fmt(ms['ternary'], 1e3)} | "
                          f"{med['fp32'] / med['ternary']:.2f}× | {fmt(ms['ternary_aq'], 1e3)} | "
                          f"{med['fp32'] / med['ternary_aq']:.2f}× |")
 
+    report["wall_seconds"] = time.perf_counter() - t_start
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
     text = "\n".join(head + lines) + "\n"
     print("\n" + "\n".join(lines))
     out = args.out or REPO / "runs" / "bench" / "decode_bandwidth" / f"{platform.node() or 'host'}.md"

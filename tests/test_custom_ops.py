@@ -160,6 +160,54 @@ def test_ternary_matmul_default_packing_is_2bit():
 
 # --------------------------------------------------------------------- ButterflyRotate
 
+# The slab partition and the prefill GEMM: several 256-row LUT slabs with a partial last one, K across the LUT's
+# 576-trit and the int8 GEMM's 512-trit blocks, M across the GEMM's 8-row blocks and the op's 64-row tiles.
+SLAB_SHAPES = [(1, 1300, 700), (2, 577, 257), (4, 40, 530), (8, 513, 33), (9, 1300, 97), (17, 256, 64), (70, 700, 45)]
+
+
+@pytest.mark.parametrize("act_quant", [0, 1])
+def test_ternary_matmul_variants_and_thread_counts_agree(monkeypatch, act_quant):
+    """Every variant at 1 and 3 intra-op threads against the dense reference; the result does not depend on the
+    thread count (each output is one task's, in one order); and where the spec fixes the bits they match the
+    scalar reference's: act_quant (exact int32 sums, one order of float products) and the exact LUT path (M <= 4,
+    constant W: one summation order in every variant that has it, scalar and avx512)."""
+    rng = np.random.default_rng(21)
+    for m, k, n in SLAB_SHAPES:
+        a, w, s = tmm_case(rng, m, k, n, "2bit")
+        ref = ternary_matmul(a, w, s, k, "2bit", act_quant)
+        ys = {}
+        for v in VARIANTS:
+            monkeypatch.setenv("BMOE_KERNEL", v)
+            for threads in (1, 3):
+                y = run("TernaryMatMul", {"A": a, "W": w, "s": s}, const=("W", "s"), threads=threads, K=k,
+                        act_quant=act_quant)
+                if act_quant:
+                    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-30, err_msg=f"{v} {(m, k, n)}")
+                else:
+                    tol = 1e-5 * (1 + np.abs(a).sum(1, keepdims=True)) * np.abs(s)
+                    assert np.all(np.abs(y - ref) <= tol), f"{v} {(m, k, n)} max err {np.abs(y - ref).max()}"
+                ys[v, threads] = y
+            np.testing.assert_array_equal(ys[v, 1], ys[v, 3], err_msg=f"{v} {(m, k, n)}: 1 vs 3 threads")
+        same = VARIANTS if act_quant else [v for v in ("scalar", "avx512") if v in VARIANTS and m <= 4]
+        for v in same:
+            np.testing.assert_array_equal(ys[v, 1], ys["scalar", 1], err_msg=f"{v} vs scalar {(m, k, n)}")
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_act_quant_rounds_half_away_from_zero(variant, m):
+    """Hand-computed quantization: max|a| = 127 makes the step exactly 1, and W = I reads q back (Y = q)."""
+    row = [127, 2.5, -2.5, 0.5, -0.5, 1.5, -1.5, 126.5, -126.5, 0.49999997, -0.49999997, 3.4999998, 0, -0.0, 0.25]
+    want = [127, 3, -3, 1, -1, 2, -2, 127, -127, 0, 0, 3, 0, 0, 0]
+    k = len(row)
+    a = np.tile(np.array(row, np.float32), (m, 1))
+    a[1:] *= -1  # the GEMM path (m >= 8) sees both signs in one call
+    w = pack_trits(np.eye(k, dtype=np.int8))
+    y = run("TernaryMatMul", {"A": a, "W": w, "s": np.ones(k, np.float32)}, const=("W",), K=k, act_quant=1)
+    expect = np.tile(np.array(want, np.float32), (m, 1))
+    expect[1:] *= -1
+    np.testing.assert_array_equal(y, expect)
+
+
 def angles_of(rng, e, d, dtype):
     p, s_count = stages(d)
     theta = rng.uniform(-np.pi, np.pi, (e, s_count, p // 2)).astype(np.float32)
