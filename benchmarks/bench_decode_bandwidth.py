@@ -109,6 +109,18 @@ def ops_library() -> str:
     return str(path)
 
 
+def kernel_choice(lib: str) -> dict[str, str] | None:
+    """The variant the library's TernaryMatMul picked per mode in this process (its BmoeTernaryKernel), if exported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(lib).BmoeTernaryKernel
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    return {"exact": fn(0).decode(), "act_quant": fn(1).decode()}
+
+
 def llc_bytes() -> int:
     """Largest cache of cpu0 by sysfs (the LLC); 32 MiB if unknown."""
     best = 0
@@ -339,6 +351,8 @@ def main() -> None:
                          f"{med['fp32'] / med['ternary_aq']:.2f}× |")
 
     report["wall_seconds"] = time.perf_counter() - t_start
+    report["kernel_choice"] = kernel_choice(lib)
+    head[1] += f"; TernaryMatMul variant chosen (exact, act_quant): {report['kernel_choice']}"
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -206,6 +209,25 @@ def test_act_quant_rounds_half_away_from_zero(variant, m):
     expect = np.tile(np.array(want, np.float32), (m, 1))
     expect[1:] *= -1
     np.testing.assert_array_equal(y, expect)
+
+
+def test_kernel_choice_by_calibration():
+    """BmoeTernaryKernel names the variant TernaryMatMul uses per mode: timed at first use (one of the CPU's SIMD
+    variants), by CPU features with BMOE_CALIBRATE=0, forced by BMOE_KERNEL. The choice is cached per process, so
+    each case runs in a fresh one."""
+    code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.BmoeTernaryKernel.restype = ctypes.c_char_p; "
+            "print(lib.BmoeTernaryKernel(0).decode(), lib.BmoeTernaryKernel(1).decode())")
+    base = {k: v for k, v in os.environ.items() if k not in ("BMOE_KERNEL", "BMOE_CALIBRATE")}
+
+    def choice(**env):
+        out = subprocess.run([sys.executable, "-c", code, str(ort_ops.library_path())], env={**base, **env},
+                             capture_output=True, text=True, check=True).stdout
+        return out.split()
+
+    simd = [v for v in VARIANTS if v != "scalar"] or ["scalar"]
+    assert set(choice()) <= set(simd)
+    assert choice(BMOE_CALIBRATE="0") == [VARIANTS[-1]] * 2
+    assert choice(BMOE_KERNEL="scalar") == ["scalar"] * 2
 
 
 def angles_of(rng, e, d, dtype):

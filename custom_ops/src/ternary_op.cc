@@ -1,9 +1,12 @@
 // TernaryMatMul operator: validation (docs/ops.md), activation preparation,
 // base3 → 2-bit conversion, and tiling over ORT's intra-op thread pool.
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -78,26 +81,105 @@ void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L
   L.J = lut_cols(K);
   L.G = lut_groups(N);
   L.w.assign(L.G * L.J * kLutRows, 0);
+  // Digits d = t + 1 of the four trits of every byte value (code 11, flagged below, reads as 1).
+  static const auto digits = [] {
+    std::array<std::array<uint8_t, 4>, 256> t{};
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 4; ++i) {
+        const int code = (b >> (2 * i)) & 3;
+        t[b][i] = static_cast<uint8_t>(code == 1 ? 2 : code == 2 ? 0 : 1);
+      }
+    return t;
+  }();
+  std::vector<uint8_t> d(std::max(4 * Kb2, kLutK * L.J), 1);  // one row's digits; 1 (a zero trit) past K
   unsigned bad = 0;
   for (size_t n = 0; n < L.G * kLutRows; ++n) {
-    const uint8_t* row = w2 + n * Kb2;
-    if (n < N)
-      for (size_t b = 0; b < Kb2; ++b) bad |= row[b] & (row[b] >> 1) & 0x55u;
-    for (size_t j = 0; j < L.J; ++j) {
-      uint32_t word = 0;
-      for (size_t s = 0; s < 6; ++s) {
-        uint32_t idx = 0;
-        for (size_t c = 3; c-- > 0;) {
-          const size_t k = kLutK * j + 3 * s + c;
-          const unsigned code = n < N && k < K ? (row[k >> 2] >> (2 * (k & 3))) & 3u : 0u;
-          idx = 3 * idx + (code == 1 ? 2 : code == 2 ? 0 : 1);  // digit t + 1 (code 11 is flagged above)
-        }
-        word |= idx << (5 * s);
+    if (n < N) {
+      const uint8_t* row = w2 + n * Kb2;
+      for (size_t b = 0; b < Kb2; ++b) {
+        bad |= row[b] & (row[b] >> 1) & 0x55u;
+        std::memcpy(&d[4 * b], digits[row[b]].data(), 4);
       }
+      std::fill(d.begin() + static_cast<std::ptrdiff_t>(K), d.end(), uint8_t{1});
+    } else if (n == N) {
+      std::fill(d.begin(), d.end(), uint8_t{1});
+    }
+    for (size_t j = 0; j < L.J; ++j) {
+      const uint8_t* x = &d[kLutK * j];
+      uint32_t word = 0;
+      for (size_t s = 0; s < 6; ++s)
+        word |= static_cast<uint32_t>(x[3 * s] + 3 * x[3 * s + 1] + 9 * x[3 * s + 2]) << (5 * s);
       L.w[lut_word(L.G, L.J, n / kLutRows, j, n % kLutRows)] = word;
     }
   }
   L.bad = bad != 0;
+}
+
+// ---- Kernel choice by measurement. Per mode (exact / act_quant) the variants this CPU runs are timed once per
+// process on a synthetic decode product (M=1, K=4096, N=256: 256 KiB of weights, in L2; well under 50 ms in all)
+// and the fastest is used; scalar, the reference, is a candidate only when it is the only one. The variants of a
+// mode give the same results within the spec (act_quant: bit-identical). BMOE_KERNEL forces one variant;
+// BMOE_CALIBRATE=0 skips the timing and takes the best by CPU features.
+double time_decode(const Kernels& kern, bool act_quant) {
+  constexpr size_t K = 4096, N = 256, Kb = K / 4;
+  std::vector<uint8_t> w(N * Kb);
+  uint32_t x = 12345;
+  for (auto& b : w) {  // codes 00, 01, 10 only
+    uint8_t v = 0;
+    for (int i = 0; i < 4; ++i) x = x * 1664525u + 1013904223u, v |= static_cast<uint8_t>(((x >> 24) % 3) << (2 * i));
+    b = v;
+  }
+  std::vector<float> a(kLutK * lut_cols(K), 0.f), y(N), scale(N, 1.f);  // zero-padded for the LUT tables
+  for (size_t k = 0; k < K; ++k) a[k] = static_cast<float>(static_cast<int>(k % 17) - 8);
+  LutWeights lut;
+  std::vector<float> tabs;
+  std::vector<int8_t> q(K);
+  if (!act_quant && kern.lut) {
+    lut_repack(w.data(), N, Kb, K, lut);
+    tabs.resize(6 * lut.J * 32 + 16);
+  }
+  float* tab = tabs.data() + (16 - reinterpret_cast<uintptr_t>(tabs.data()) / sizeof(float) % 16) % 16;
+  auto product = [&] {
+    if (!act_quant && kern.lut) {
+      kern.lut_tables(a.data(), lut.J, tab);
+      kern.lut(tab, lut.J, lut.w.data(), 0, lut_slabs(N), scale.data(), N, y.data());
+    } else if (act_quant) {
+      float qs = 0.f;
+      const int32_t qsum = kern.quantize(a.data(), K, K, q.data(), &qs);
+      kern.i8(q.data(), &qs, &qsum, 1, K, w.data(), Kb, N, scale.data(), y.data(), N);
+    } else {
+      kern.f32(a.data(), 1, K, w.data(), Kb, N, scale.data(), y.data(), N);
+    }
+  };
+  product();  // warm caches
+  double best = 1e30;
+  for (int r = 0; r < 7; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    product();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+Variant fastest_variant(bool act_quant) {
+  const char* env = std::getenv("BMOE_CALIBRATE");
+  if (env && std::strcmp(env, "0") == 0) return select_variant();
+  Variant pick = Variant::Scalar;
+  double best = 1e30;
+  for (Variant v : {Variant::Avx2, Variant::Avx512, Variant::Neon, Variant::Dotprod}) {
+    if (!variant_available(v)) continue;
+    const double t = time_decode(kernels_for(v), act_quant);
+    if (t < best) best = t, pick = v;
+  }
+  return pick;
+}
+
+// The variant for a new kernel of this mode: BMOE_KERNEL if set, else the calibrated one (cached per process).
+Variant ternary_variant(bool act_quant) {
+  const char* forced = std::getenv("BMOE_KERNEL");
+  if (forced && *forced) return select_variant();
+  static const Variant exact = fastest_variant(false), quant = fastest_variant(true);
+  return act_quant ? quant : exact;
 }
 
 // Largest K: act_quant's int32 sums of K products |q·t| <= 127 stay exact (127 · 2^24 < 2^31),
@@ -129,7 +211,7 @@ Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
     throw OpError("attribute packing must be \"2bit\" or \"base3\", got \"" + packing + "\"");
   const int64_t aq = attr_int(api, info, "act_quant", 0);
   if (aq != 0 && aq != 1) throw OpError("attribute act_quant must be 0 or 1, got " + std::to_string(aq));
-  std::unique_ptr<Kernel> kernel(new Kernel{api, K, packing == "base3", aq == 1, kernels_for(select_variant()), nullptr});
+  std::unique_ptr<Kernel> kernel(new Kernel{api, K, packing == "base3", aq == 1, kernels_for(ternary_variant(aq == 1)), nullptr});
   // Constant, well-formed W (anything else is reported by compute): repack once for the LUT path.
   const Tensor W = constant_input(api, info, 1);
   const int64_t Kb = packed_row_bytes(K, packing == "base3");
@@ -266,6 +348,16 @@ void Kernel::compute(OrtKernelContext* ctx) const {
 }
 
 }  // namespace
+
+// The variant TernaryMatMul kernels of a mode get in this process ("avx512", ...; calibrates on first use);
+// an empty string if BMOE_KERNEL names no available variant.
+extern "C" __attribute__((visibility("default"))) const char* BmoeTernaryKernel(int act_quant) {
+  try {
+    return variant_name(ternary_variant(act_quant != 0));
+  } catch (...) {
+    return "";
+  }
+}
 
 const OpDef kTernaryMatMulDef = {
     "TernaryMatMul", 3, 3,
