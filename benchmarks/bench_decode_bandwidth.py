@@ -289,15 +289,42 @@ def main() -> None:
               "reps": args.reps, "stream_read_gbs": {}, "decode": [], "prefill": []}
     t_start = time.perf_counter()
 
+    def save() -> None:  # after every measurement, so that a run cut short by a time limit keeps what it measured
+        report["wall_seconds"] = time.perf_counter() - t_start
+        report["kernel_choice"] = kernel_choice(lib)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+
     big = np.ones(int(max(set_bytes, 512 * 2**20)) // 4, np.float32)  # streaming-read buffer
     read = {}
     for t in threads:
         pin(t, cores)
         read[t] = stream_read_gbs(big, t, args.reps)
         report["stream_read_gbs"][t] = read[t]
+        save()
     del big
     for t in threads:
         print(f"streaming read, {t} threads: {fmt(read[t])} GB/s", flush=True)
+
+    prefill_lines: list[str] = []
+    if not args.no_prefill:  # compute-bound: one weight, in cache; first, as the cheapest part
+        k = n = 4096
+        pm = args.prefill_m
+        prefill_lines = ["", f"Prefill M={pm}, 4096×4096 (weights in cache): ms, median (min–max)", "",
+                         "| threads | fp32 MatMul | TernaryMatMul exact | vs fp32 | TernaryMatMul act_quant | vs fp32 |",
+                         "|---|---|---|---|---|---|"]
+        a = {"A": rng.standard_normal((pm, k)).astype(np.float32)}
+        models = {impl: impl_model(impl, k, n, 1, rng) for impl in ("fp32", "ternary", "ternary_aq")}
+        for t in threads:
+            pin(t, cores)
+            ms = {i: timed(lambda s=session(m, t, lib): s.run(None, a), args.reps) for i, m in models.items()}
+            report["prefill"].append({"m": pm, "k": k, "n": n, "threads": t, "seconds": ms})
+            save()
+            med = {i: statistics.median(v) for i, v in ms.items()}
+            prefill_lines.append(f"| {t} | {fmt(ms['fp32'], 1e3)} | {fmt(ms['ternary'], 1e3)} | "
+                                 f"{med['fp32'] / med['ternary']:.2f}× | {fmt(ms['ternary_aq'], 1e3)} | "
+                                 f"{med['fp32'] / med['ternary_aq']:.2f}× |")
 
     lines = ["| K×N | threads | stream read GB/s | " + " | ".join(
         f"{i} µs | {i} GB/s | {i} % of read" for i in impls) + " |",
@@ -320,6 +347,7 @@ def main() -> None:
                 res[impl, t] = ([x / r for x in times], per_read)
                 report["decode"].append({"k": k, "n": n, "impl": impl, "threads": t, "nodes": r, "bytes": per_read,
                                          "seconds_per_product": res[impl, t][0]})
+                save()
                 print(f"{k}x{n} {impl} R={r} threads={t}: {statistics.median(times) / r * 1e6:.1f} µs/matmul, "
                       f"{per_read / (statistics.median(times) / r) / 1e9:.1f} GB/s", flush=True)
                 del sess
@@ -333,29 +361,9 @@ def main() -> None:
                 cells.append(f"{fmt(times, 1e6)} | {fmt(gbs)} | {100 * statistics.median(gbs) / read_med:.0f}%")
             lines.append(f"| {k}×{n} | {t} | {fmt(read[t])} | " + " | ".join(cells) + " |")
 
-    if not args.no_prefill:  # compute-bound: one weight, in cache
-        k = n = 4096
-        pm = args.prefill_m
-        lines += ["", f"Prefill M={pm}, 4096×4096 (weights in cache): ms, median (min–max)", "",
-                  "| threads | fp32 MatMul | TernaryMatMul exact | vs fp32 | TernaryMatMul act_quant | vs fp32 |",
-                  "|---|---|---|---|---|---|"]
-        a = {"A": rng.standard_normal((pm, k)).astype(np.float32)}
-        models = {impl: impl_model(impl, k, n, 1, rng) for impl in ("fp32", "ternary", "ternary_aq")}
-        for t in threads:
-            pin(t, cores)
-            ms = {i: timed(lambda s=session(m, t, lib): s.run(None, a), args.reps) for i, m in models.items()}
-            report["prefill"].append({"m": pm, "k": k, "n": n, "threads": t, "seconds": ms})
-            med = {i: statistics.median(v) for i, v in ms.items()}
-            lines.append(f"| {t} | {fmt(ms['fp32'], 1e3)} | {fmt(ms['ternary'], 1e3)} | "
-                         f"{med['fp32'] / med['ternary']:.2f}× | {fmt(ms['ternary_aq'], 1e3)} | "
-                         f"{med['fp32'] / med['ternary_aq']:.2f}× |")
-
-    report["wall_seconds"] = time.perf_counter() - t_start
-    report["kernel_choice"] = kernel_choice(lib)
+    lines += prefill_lines
+    save()
     head[1] += f"; TernaryMatMul variant chosen (exact, act_quant): {report['kernel_choice']}"
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
     text = "\n".join(head + lines) + "\n"
     print("\n" + "\n".join(lines))
     out = args.out or REPO / "runs" / "bench" / "decode_bandwidth" / f"{platform.node() or 'host'}.md"
