@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace bmoe {
@@ -76,25 +77,33 @@ void parallel_for(const OrtApi* api, OrtKernelContext* ctx, size_t n, Task& task
 // CPUs this process may run on (sched affinity; at least 1), read once.
 size_t usable_cpus();
 
-// Runs body(i) for every i in [0, n) on ORT's intra-op pool with one task per pool thread: at most
-// min(n, usable_cpus()) tasks, each claiming the next unclaimed i until none is left. Items are meant to be
-// contiguous slabs (one sequential stream each); claiming balances them without knowing the pool's size, which
-// the custom-op API does not tell. `body` must not throw.
-template <class Body>
-void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n, Body& body) {
-  if (n <= 1) {
-    if (n == 1) body(size_t{0});
-    return;
-  }
-  std::atomic<size_t> next{0};
+// Runs first(i) for every i in [0, n1), then then(i) for every i in [0, n2), on ORT's intra-op pool with one task
+// per pool thread: at most min(max(n1, n2), usable_cpus()) tasks, each claiming the next unclaimed item until none
+// is left, and waiting (yielding) until every first item is done before claiming a `then` item. No task waits for
+// an item that is not being run (an item is claimed by a running task), so this cannot deadlock. Items are meant
+// to be contiguous slabs (one sequential stream each); claiming balances them without knowing the pool's size,
+// which the custom-op API does not tell. Neither body may throw.
+template <class First, class Then>
+void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n1, First& first, size_t n2, Then& then) {
+  std::atomic<size_t> next1{0}, done1{0}, next2{0};
   auto task = [&](size_t) {
-    for (size_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed))
-      body(i);
+    for (size_t i; (i = next1.fetch_add(1, std::memory_order_relaxed)) < n1;) {
+      first(i);
+      done1.fetch_add(1, std::memory_order_release);
+    }
+    while (done1.load(std::memory_order_acquire) < n1) std::this_thread::yield();
+    for (size_t i; (i = next2.fetch_add(1, std::memory_order_relaxed)) < n2;) then(i);
   };
-  const size_t tasks = n < usable_cpus() ? n : usable_cpus();
+  const size_t n = n1 > n2 ? n1 : n2, tasks = n < usable_cpus() ? n : usable_cpus();
   if (tasks <= 1) return task(0);
   auto tramp = [](void* p, size_t i) { (*static_cast<decltype(task)*>(p))(i); };
   check_ort(api, api->KernelContext_ParallelFor(ctx, tramp, tasks, 0, &task));
+}
+
+template <class Body>
+void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n, Body& body) {
+  auto none = [](size_t) {};
+  parallel_claim(api, ctx, 0, none, n, body);
 }
 
 }  // namespace bmoe
