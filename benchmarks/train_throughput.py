@@ -44,7 +44,11 @@ from bmoe_runtime.train.trainer import TrainConfig, make_optimizer  # noqa: E402
 
 VOCAB, BATCH, SEQ = 8192, 32, 128
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
-BEGIN, END = "<!-- train_throughput:begin -->", "<!-- train_throughput:end -->"
+
+def markers(block: str) -> tuple[str, str]:
+    """The comments around a results block of docs/training.md ("" = the main table)."""
+    name = f"train_throughput:{block}" if block else "train_throughput"
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,8 @@ def main() -> None:
     ap.add_argument("--valid-steps", type=int, default=300)
     ap.add_argument("--out", default="runs/train_throughput.json")
     ap.add_argument("--update-docs", action="store_true", help=f"rewrite the results block of {DOCS.name}")
+    ap.add_argument("--docs-block", default="", metavar="NAME",
+                    help="with --update-docs: the block marked train_throughput:NAME (default: the main table)")
     ap.add_argument("--from", dest="from_files", nargs="+", metavar="RESULTS_JSON",
                     help="measure nothing: render (and with --update-docs, write) earlier results files as one table")
     args = ap.parse_args()
@@ -198,7 +204,7 @@ def main() -> None:
         md = table([r for s in saved for r in s["results"]])
         print(saved[0]["setup"], md, sep="\n\n")
         if args.update_docs:
-            update_docs(saved[0]["setup"], md)
+            update_docs(saved[0]["setup"], md, args.docs_block)
         return
     if not torch.cuda.is_available():
         sys.exit("train_throughput.py needs a CUDA device")
@@ -246,15 +252,16 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
     if args.update_docs:
-        update_docs(header, md)
+        update_docs(header, md, args.docs_block)
 
 
-def update_docs(header: str, md: str) -> None:
+def update_docs(header: str, md: str, block: str = "") -> None:
     text = DOCS.read_text()
-    if BEGIN not in text or END not in text:
-        sys.exit(f"{DOCS} lacks the {BEGIN} … {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n{header}\n\n{md}\n{END}{rest.split(END, 1)[1]}")
+    begin, end = markers(block)
+    if begin not in text or end not in text:
+        sys.exit(f"{DOCS} lacks the {begin} … {end} markers")
+    head, rest = text.split(begin, 1)
+    DOCS.write_text(f"{head}{begin}\n{header}\n\n{md}\n{end}{rest.split(end, 1)[1]}")
     print(f"updated {DOCS}")
 
 
