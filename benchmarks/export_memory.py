@@ -1,8 +1,9 @@
 """Peak RSS of `bmoe-export` against the checkpoint's size (issue 16, part 4: ≤ 1.5× the checkpoint).
 
 Builds checkpoints of increasing size (untrained: memory does not depend on training), runs the exporter
-in a subprocess per (checkpoint, options) and takes its peak RSS: the kernel's high-water mark
-(wait4's ru_maxrss) and, as a cross-check, psutil samples of the process tree every 5 ms. The
+in a subprocess per (checkpoint, options) and takes its peak RSS: the kernel's high-water mark of the
+exporter's own address space (VmHWM, read by the process as it exits; wait4's ru_maxrss would also
+count the forking parent's pages) and, as a cross-check, psutil samples every 5 ms. The
 exporter's fixed cost (interpreter, torch, torch.onnx's exporter) is the peak exporting a tiny
 checkpoint with the same options in the same run; the table gives peak / checkpoint and
 (peak − that baseline) / checkpoint. Median (min–max) of --repeats runs.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -80,10 +80,24 @@ def make_checkpoint(spec: Spec, path: Path) -> int:
     return path.stat().st_size
 
 
-def peak_rss(cmd: list[str], interval: float = 0.005) -> tuple[int, int, float]:
-    """(kernel peak RSS, sampled peak RSS of the process tree, seconds) of `cmd`; raises if it fails."""
+# bmoe-export, writing its VmHWM (KiB) to argv[1] as it exits
+_EXPORT_REPORTING_HWM = """import atexit, sys
+def _hwm():
+    with open(sys.argv[1], "w") as f:
+        f.write(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+atexit.register(_hwm)
+from exporters.cli import export_cli
+export_cli(sys.argv[2:], prog_name="bmoe-export")
+"""
+
+
+def export_peak_rss(ckpt: Path, out: Path, options: list[str], interval: float = 0.005) -> tuple[int, int, float]:
+    """(peak RSS: VmHWM, sampled peak RSS of the process tree, seconds) of `bmoe-export ckpt -o out options`;
+    raises if it fails."""
+    hwm = out.with_name(out.name + ".hwm")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", _EXPORT_REPORTING_HWM, str(hwm), str(ckpt), "-o", str(out),
+                             "--force", *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sampled, done = [0], threading.Event()
 
     def sample() -> None:
@@ -98,19 +112,12 @@ def peak_rss(cmd: list[str], interval: float = 0.005) -> tuple[int, int, float]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, stderr = proc.communicate()
     done.set()
     sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {stderr.decode()[-400:]}")
-    return usage.ru_maxrss * 1024, sampled[0], time.perf_counter() - start  # ru_maxrss: KiB on Linux
-
-
-def export_cmd(ckpt: Path, out: Path, options: list[str]) -> list[str]:
-    return [sys.executable, "-m", "exporters.cli", str(ckpt), "-o", str(out), "--force", *options]
-
+        raise RuntimeError(f"bmoe-export {ckpt} failed ({proc.returncode}): {stderr.decode()[-400:]}")
+    return int(hwm.read_text()) * 1024, sampled[0], time.perf_counter() - start
 
 def run(repeats: int, work: Path) -> dict:
     rows = []
@@ -121,7 +128,7 @@ def run(repeats: int, work: Path) -> dict:
             options = OPTIONS[label]
             peaks, sampled, secs = [], [], []
             for _ in range(repeats):
-                p, s, t = peak_rss(export_cmd(ckpt, work / "out", options))
+                p, s, t = export_peak_rss(ckpt, work / "out", options)
                 peaks.append(p)
                 sampled.append(s)
                 secs.append(t)
@@ -141,7 +148,7 @@ def run(repeats: int, work: Path) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['cpu']}; peak RSS = kernel high-water mark of the `bmoe-export` process (psutil samples "
+    lines = [f"{res['cpu']}; peak RSS = VmHWM of the `bmoe-export` process (psutil samples "
              f"agree), median (min–max) of {res['repeats']} runs; baseline = the same export of a tiny checkpoint "
              "(interpreter + torch + torch.onnx: the exporter's fixed cost).", "",
              "| checkpoint | options | checkpoint MiB | peak RSS MiB | peak / ckpt | (peak − baseline) / ckpt "

@@ -49,9 +49,20 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
     """W [N, K] → (B [N, k_blocks, block_size·bits/8] uint8, scales [N, k_blocks] float32), MatMulNBits layout.
 
     Symmetric: code = round(w / s) + 2^(bits-1) with s = max|w| / (2^(bits-1) − 1) over the block;
-    K is zero-padded to whole blocks."""
+    K is zero-padded to whole blocks. Rows go in chunks of ~1M weights: the float temporaries stay a few
+    MiB whatever the weight's size (the exporter's bounded memory)."""
     n, k = w.shape
     k_blocks = -(-k // block_size)
+    codes = np.empty((n, k_blocks, block_size * bits // 8), np.uint8)
+    scales = np.empty((n, k_blocks), np.float32)
+    step = max(1, (1 << 20) // (k_blocks * block_size))
+    for r in range(0, n, step):
+        codes[r:r + step], scales[r:r + step] = _quantize_rows(w[r:r + step], bits, block_size, k_blocks)
+    return codes, scales
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block_size: int, k_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    n, k = w.shape
     padded = np.zeros((n, k_blocks * block_size), np.float32)
     padded[:, :k] = w
     blocks = padded.reshape(n, k_blocks, block_size)
@@ -61,7 +72,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
     codes = (np.clip(np.rint(blocks / safe), -qmax, qmax) + (1 << (bits - 1))).astype(np.uint8)
     if bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return np.ascontiguousarray(codes), scales
+    return codes, scales
 
 
 class PackedTernaryLinear(nn.Module):
@@ -143,7 +154,7 @@ class _Graph:
         return self._consts[key]
 
     def weight_nk(self, name: str) -> np.ndarray:
-        return self.values(self.inits[name]).astype(np.float32)
+        return self.values(self.inits[name]).astype(np.float32, copy=False)  # a view of the deferred tensor
 
     def quantize(self, weight: str, bits: int, block_size: int, transpose: bool = False) -> tuple[str, str, int, int]:
         """(blob, scales, N, K) of initializer `weight` as [N, K] (transposed first if it is [K, N]); once per weight."""

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ import pytest
 import torch
 
 from benchmarks.decode_bytes import bytes_per_token
+from benchmarks.export_memory import export_peak_rss
 from bmoe_runtime.format.tokenizer import ByteTokenizer
 from bmoe_runtime.nn.model import ModelConfig, MoELM
 from bmoe_runtime.runtime.generate import Generator
@@ -91,26 +89,15 @@ def test_streamed_export_computes_the_torch_models_logits(tmp_path, variant, cfg
     assert np.abs(logits[0] - ref).max() <= 1e-4
 
 
-def export_peak_rss(ckpt: Path, out: Path) -> int:
-    """Peak RSS in bytes (the kernel's high-water mark) of a `bmoe-export` process."""
-    proc = subprocess.Popen([sys.executable, "-m", "exporters.cli", str(ckpt), "-o", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, stderr.decode()[-500:]
-    return usage.ru_maxrss * 1024
-
-
 def test_export_peak_rss_is_within_one_and_a_half_checkpoints_plus_its_fixed_cost(tmp_path):
     """Fixed cost: the same export of a tiny checkpoint (interpreter, torch, torch.onnx: ~0.4 GiB). Before
     streaming, a 64 MiB dense checkpoint cost 3.7× its size above that; now ~1×."""
     checkpoint(tmp_path / "tiny.pt", d_model=16, n_layers=1, n_experts=2, d_ff=32)
-    baseline = export_peak_rss(tmp_path / "tiny.pt", tmp_path / "x0")
+    baseline = export_peak_rss(tmp_path / "tiny.pt", tmp_path / "x0", [])[0]
     checkpoint(tmp_path / "big.pt", d_model=256, n_layers=2, n_heads=4, d_ff=512, n_experts=64, variant="dense")
     size = (tmp_path / "big.pt").stat().st_size
     assert size > 60 * 2**20
-    peak = export_peak_rss(tmp_path / "big.pt", tmp_path / "x1")
+    peak = export_peak_rss(tmp_path / "big.pt", tmp_path / "x1", [])[0]
     assert peak <= 1.5 * size + baseline, (peak / 2**20, size / 2**20, baseline / 2**20)
 
 
