@@ -163,7 +163,9 @@ for m in modes:
     mt = metrics(f"speed-{m}")
     runs["end_to_end"][m] = None if not mt else {
         "steady_tokens_per_s": mt.get("steady_tokens_per_s"), "valid_loss": mt["valid"]["loss"],
-        "peak_gpu_gib": (mt.get("peak_gpu_bytes_rank0") or 0) / 2**30, "cuda_graphs": mt.get("cuda_graphs")}
+        "peak_gpu_gib": (mt.get("peak_gpu_bytes_rank0") or 0) / 2**30,
+        "peak_gpu_reserved_gib": (mt.get("peak_gpu_reserved_bytes_rank0") or 0) / 2**30,
+        "cuda_graphs": mt.get("cuda_graphs")}
 cold = {"note": "first torch.compile in a fresh process, 5 such processes and the checks of part 1 running at once",
         "results": [r for f in sorted(glob.glob(f"{w}/cold-*.json")) for r in json.load(open(f))["results"]]}
 if cold["results"]:

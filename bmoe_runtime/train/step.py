@@ -79,6 +79,10 @@ class GraphedStep:
         self.lr = torch.tensor(float(opt.param_groups[0]["lr"]), dtype=torch.float32, device=device)
         for g in opt.param_groups:
             g["lr"], g["capturable"] = self.lr, True
+            for p in g["params"]:  # a state loaded from a CPU run keeps its step counters on the CPU
+                state = opt.state.get(p)
+                if state and state["step"].device != p.device:
+                    state["step"] = state["step"].to(p.device, torch.float32)
         params = list(model.parameters())
 
         def body() -> tuple[torch.Tensor, torch.Tensor]:

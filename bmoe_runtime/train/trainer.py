@@ -349,6 +349,7 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
                    "compiled": compiled}
         if device.startswith("cuda"):
             metrics["peak_gpu_bytes_rank0"] = torch.cuda.max_memory_allocated(device)
+            metrics["peak_gpu_reserved_bytes_rank0"] = torch.cuda.max_memory_reserved(device)  # a graph's pool too
         checkpoint(metrics, rngs)
         speed = f", {steady:,.0f} tokens/s steady on {ranks.world} rank(s)" if steady else ""
         log(f"done: valid loss {final['valid']['loss']:.4f} (ppl {final['valid']['ppl']:.2f}, "
