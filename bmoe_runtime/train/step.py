@@ -65,7 +65,7 @@ def eager_step(loss_fn: LossFn, model: nn.Module, opt: torch.optim.Optimizer, gr
 
 
 class GraphedStep:
-    """The same step as one CUDA graph over static batch buffers [rows, seq]; AdamW must be fused (CUDA).
+    """The same step as one CUDA graph over static batch buffers [rows, seq]; model and AdamW on CUDA.
 
     Construction warms up and captures; the model and optimizer are left as they were (see the module
     docstring). Afterwards the parameters' .grad live in the graph's memory: do not set them to None."""
