@@ -17,7 +17,10 @@
  *     symbol must then be dynamically exported, e.g. -rdynamic on Linux).
  *
  * The kernel variant (scalar, avx2, avx512, neon, dotprod) is picked per CPU at
- * kernel creation; the environment variable BMOE_KERNEL forces one.
+ * kernel creation; the environment variable BMOE_KERNEL forces one. TernaryMatMul
+ * picks its variant per mode (exact / act_quant) by timing the CPU's variants once
+ * per process at first use (tens of ms); BMOE_CALIBRATE=0 skips the timing (best
+ * variant by CPU features), and BmoeTernaryKernel(act_quant) names the choice.
  */
 #ifndef BMOE_OPS_H
 #define BMOE_OPS_H
@@ -37,6 +40,10 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api);
 /* The same function under a name that cannot clash with other custom-op
  * libraries linked into one binary; use this one when linking libbmoe_ops.a. */
 OrtStatus* BmoeRegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api);
+
+/* The kernel variant TernaryMatMul uses in this process for act_quant = 0 or 1
+ * ("avx512", ...; calibrates on the first call), or "" if BMOE_KERNEL is invalid. */
+const char* BmoeTernaryKernel(int act_quant);
 
 #ifdef __cplusplus
 }
