@@ -7,8 +7,9 @@
 # Parts, each with a deadline so the whole stays within $BUDGET seconds (default 225):
 #   1. at the same time (correctness only, nothing timed): the GPU tests of the new path; the resume runs
 #      (bmoe-train stopped with --stop-at and resumed, against uninterrupted runs, eager and graphed, and
-#      checkpoints of one mode resumed in the other); a first torch.compile of every benchmark shape, one
-#      process per shape (cold compile times, under load; it also fills the compile cache part 3 reads)
+#      checkpoints of one mode resumed in the other; a control resumed with another router-noise RNG state);
+#      a first torch.compile of every benchmark shape, one process per shape (cold compile times, under load;
+#      it also fills the compile cache part 3 reads)
 #   2. alone: bmoe-train end to end, ButterflyMoE d512/4 layers/N=64, BPE 8192, 300 steps: eager vs graphed
 #   3. alone: benchmarks/train_throughput.py, modes fused (eager), graphed, compiled, compiled-graphed at
 #      the five issue-13 shapes, until the time left runs out
@@ -33,6 +34,7 @@ CORPUS=$DATA/tinyshakespeare/input.txt
 
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/summary.txt") 2>&1
+TEE=$!
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 export BMOE_CACHE_DIR=$W/cache BMOE_DATA=$DATA
@@ -80,18 +82,34 @@ if [ "$DEVICE" = cuda ]; then
 fi
 wait_all
 
-# checkpoints of one mode resumed in the other (both lanes done)
+# checkpoints of one mode resumed in the other (both lanes done), and a control: the last mode's checkpoint
+# resumed with another router-noise RNG state (how far a resume that lost the RNG state would drift)
+resume_copy() {  # mode of the checkpoint, mode to resume in, name of the copy
+  cp "$W/$1-stopped.pt" "$W/$3.pt" 2>/dev/null || return
+  if [ "$3" = control ]; then
+    "$PY" - "$W/control.pt" <<'PY' || return
+import sys, torch
+from bmoe_runtime.train.checkpoint import content_sha256, read_checkpoint
+ckpt = read_checkpoint(sys.argv[1])
+rng = ckpt["train_state"]["rng"]
+if rng["cuda"][0] is not None:  # CUDA state: seed (8 bytes) and offset; another seed
+    rng["cuda"][0] = torch.cat([torch.tensor([12345], dtype=torch.int64).view(torch.uint8), rng["cuda"][0][8:]])
+else:
+    rng["cpu"][0] = torch.Generator().manual_seed(12345).get_state()
+ckpt["checksum"] = {"sha256": content_sha256(ckpt)}
+torch.save(ckpt, sys.argv[1])
+PY
+  fi
+  until_ $((P1 + 25)) "${TRAIN[@]}" $RESUME_ARGS --data "$CORPUS" $(flag "$2") --out "$W/$3.pt" --resume
+}
+say "part 1: cross-mode resumes and the RNG control"
 if [[ " $MODES " == *" eager "* && " $MODES " == *" graphed "* ]]; then
-  say "part 1: cross-mode resumes"
-  for pair in "graphed eager" "eager graphed"; do
-    set -- $pair
-    cp "$W/$1-stopped.pt" "$W/$1-then-$2.pt" 2>/dev/null &&
-      until_ $((P1 + 25)) "${TRAIN[@]}" $RESUME_ARGS --data "$CORPUS" $(flag "$2") --out "$W/$1-then-$2.pt" --resume \
-        > "$W/cross-$1-$2.log" 2>&1 &
-    PIDS+=($!)
-  done
-  wait_all
+  resume_copy graphed eager graphed-then-eager > "$W/cross-graphed-eager.log" 2>&1 & PIDS+=($!)
+  resume_copy eager graphed eager-then-graphed > "$W/cross-eager-graphed.log" 2>&1 & PIDS+=($!)
 fi
+CTRL=${MODES##* }
+resume_copy "$CTRL" "$CTRL" control > "$W/control.log" 2>&1 & PIDS+=($!)
+wait_all
 say "part 1 done: pytest exit $(cat "$W/pytest.rc" 2>/dev/null || echo '?'): $(tail -n 1 "$OUT/pytest.txt")"
 
 # ---- 2. the trainer end to end, alone -------------------------------------------------------------------
@@ -112,7 +130,7 @@ if [ "$DEVICE" = cuda ]; then
 fi
 
 # ---- 4. results -----------------------------------------------------------------------------------------
-for f in "$W"/lane-*.log "$W"/cross-*.log "$W"/speed-*.log "$W"/cold-*.log; do
+for f in "$W"/lane-*.log "$W"/cross-*.log "$W"/control.log "$W"/speed-*.log "$W"/cold-*.log; do
   [ -f "$f" ] && { echo "==== $(basename "$f")"; cat "$f"; }
 done > "$OUT/logs.txt"
 say "part 4: results"
@@ -151,6 +169,8 @@ if {"eager", "graphed"} <= set(modes):
     runs["cross"] = {"graphed_then_eager_vs_graphed": gaps("graphed-then-eager", "graphed-full"),
                      "eager_then_graphed_vs_eager": gaps("eager-then-graphed", "eager-full"),
                      "graphed_vs_eager_uninterrupted": gaps("graphed-full", "eager-full")}
+ctrl = modes[-1]
+runs["control_other_rng_vs_uninterrupted"] = {"mode": ctrl, **(gaps("control", f"{ctrl}-full") or {})}
 noise = [max(g["max_abs_before_stop"], g["max_abs_after_stop"]) for g in
          (runs["modes"][m]["uninterrupted_vs_uninterrupted"] for m in modes) if g and "error" not in g]
 limit = max([3 * max(noise, default=0.0), 2e-3])
@@ -188,7 +208,8 @@ for s in shapes:
 tests = open(f"{out}/pytest.txt").read() if os.path.exists(f"{out}/pytest.txt") else ""
 print(f"\nGPU tests: exit {pytest_rc}; {tests.strip().splitlines()[-1] if tests.strip() else 'no output'}")
 print(f"resume within nondeterminism: {runs['resume_within_nondeterminism']} (limit {limit:.2e} nats); "
-      f"bit-exact: {runs['resume_bit_exact']}")
+      f"bit-exact: {runs['resume_bit_exact']}; control (resumed with another RNG state), after the stop: "
+      f"{runs['control_other_rng_vs_uninterrupted'].get('max_abs_after_stop')}")
 e2e = runs["end_to_end"]
 if e2e.get("eager") and e2e.get("graphed") and e2e["eager"]["steady_tokens_per_s"]:
     print(f"bmoe-train end to end: eager {e2e['eager']['steady_tokens_per_s']:,.0f}, graphed "
@@ -198,3 +219,5 @@ if tp.get("skipped") or tp.get("failed"):
     print(f"throughput: skipped {tp.get('skipped')}, failed {tp.get('failed')}")
 PY
 say "done; wrote $(ls "$OUT" | tr '\n' ' ')"
+exec >&- 2>&-
+wait "$TEE"  # summary.txt complete before the script returns
