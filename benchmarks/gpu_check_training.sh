@@ -73,9 +73,9 @@ resume_lane() {  # one step mode: two uninterrupted runs, one stopped at $STOP a
 }
 for m in $MODES; do resume_lane "$m" > "$W/lane-$m.log" 2>&1 & PIDS+=($!); done
 
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ]; then  # niced: the tests and resume runs come first
   for s in $SHAPES; do
-    until_ $P1 "$PY" benchmarks/train_throughput.py --only "$s" --modes compiled compiled-graphed --warmup 1 \
+    until_ $P1 nice -n 10 "$PY" benchmarks/train_throughput.py --only "$s" --modes compiled compiled-graphed --warmup 1 \
       --steps 3 --out "$W/cold-$s.json" > "$W/cold-$s.log" 2>&1 &
     PIDS+=($!)
   done
