@@ -58,7 +58,7 @@ git log -1 --format='commit %h %s' 2>/dev/null
 # ---- 1. correctness, concurrently ----------------------------------------------------------------------
 P1=120
 say "part 1: GPU tests, resume runs and cold compiles, concurrently (deadline ${P1} s)"
-(until_ $P1 "$PY" -m pytest tests/test_train_speed_options.py -rs -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+(until_ $P1 "$PY" -m pytest tests/test_train_speed_options.py -vv -rs -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
  echo $? > "$W/pytest.rc") &
 PIDS+=($!)
 
