@@ -368,9 +368,10 @@ def _make_step(net: nn.Module, model: MoELM, opt: torch.optim.Optimizer, tc: Tra
     t0 = time.perf_counter()
     try:
         step = GraphedStep(loss_fn, model, opt, tc.grad_clip, rows, tc.seq)
-    except RuntimeError as exc:  # e.g. an op that synchronises with the host, which capture refuses
+    except RuntimeError as exc:  # e.g. an op that synchronises with the host, which capture refuses. No eager
+        # fallback: a failed capture leaves torch's CUDA generator in capture mode for this process
         raise BmoeError(f"--cuda-graphs: the training step could not be captured as a CUDA graph "
-                        f"({one_line(exc, 300)}); run without --cuda-graphs") from None
+                        f"({one_line(exc, 300)}); run it with --no-cuda-graphs") from None
     log(f"training step captured as a CUDA graph{' (compiled)' if compiled else ''} in "
         f"{time.perf_counter() - t0:.1f}s")
     return step
