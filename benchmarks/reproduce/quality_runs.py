@@ -125,7 +125,8 @@ def main() -> None:
     a.run_dir.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     cache = a.run_dir / "token-cache"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "BMOE_CACHE_DIR": str(cache)}
     prepare_tokens(a.data, cache)
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -170,7 +171,7 @@ def main() -> None:
             t_end = float("inf")
             queue.clear()
             continue
-        if not queue and left <= a.no_start_after:
+        if left <= a.no_start_after:  # too late to start the rest: they wait for the next call
             queue.clear()
         time.sleep(2)
     collect(a.run_dir, a.out)
