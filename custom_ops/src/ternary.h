@@ -67,12 +67,10 @@ static inline const uint8_t* chunk_ptr(const uint8_t* row, size_t c, size_t Kb, 
 // At kernel creation a constant W is repacked ("LUT layout"): rows in groups of kLutRows = 16;
 // trits k = 3i, 3i+1, 3i+2 of a row form the base-3 index d0 + 3·d1 + 9·d2 (d = t + 1, 0…26),
 // six indices per dword (bits 5s…5s+4 hold triple 6j+s), J = ceil(K / 18) dword columns.
-// Groups are stored in slabs of kLutSlab = 16 groups (256 rows), each slab in K blocks of kLutJb = 32
-// columns, and within a block group by group: in slab b (nb ≤ 16 groups), block q (w ≤ 32 columns), the
-// word of row r of group g = 16·b + i at column j = 32·q + c is
-//   (16·b·J + 32·q·nb + i·w + c)·16 + r.
-// A kernel walking a slab block by block, 4 groups at a time, reads it as one stream (8 KiB at a time)
-// while each block's 24 KiB of tables is reused from L1 by the slab's 16 groups.
+// Word j of row r of group g is at (g·J + j)·16 + r: the 16 rows' dwords of a column are contiguous and a
+// group is one contiguous run. Kernels take groups in slabs of kLutSlab = 16 (256 rows) and K blocks of
+// kLutJb = 32 columns, 4 groups at a time, so each block's 24 KiB of tables is reused from L1 by the slab's
+// 16 groups.
 // Trits past K and rows past N hold index 13 (all zero).
 // Per call and row of A, table tab[(6j+s)·32 + i] = Σ_c t_c(i)·a[18j + 3s + c] for i < 27
 // (partial sums in a fixed order, zero trits skipped), 0 for i ≥ 27; each index is then one lookup.
@@ -80,11 +78,7 @@ constexpr size_t kLutRows = 16, kLutK = 18, kLutSlab = 16, kLutJb = 32;
 inline size_t lut_cols(size_t K) { return (K + kLutK - 1) / kLutK; }  // J
 inline size_t lut_groups(size_t N) { return (N + kLutRows - 1) / kLutRows; }
 inline size_t lut_slabs(size_t N) { return (lut_groups(N) + kLutSlab - 1) / kLutSlab; }
-inline size_t lut_word(size_t G, size_t J, size_t g, size_t j, size_t r) {
-  const size_t b = g / kLutSlab, nb = G - b * kLutSlab < kLutSlab ? G - b * kLutSlab : kLutSlab;
-  const size_t q = j / kLutJb, w = J - q * kLutJb < kLutJb ? J - q * kLutJb : kLutJb;
-  return (b * kLutSlab * J + q * kLutJb * nb + g % kLutSlab * w + j % kLutJb) * kLutRows + r;
-}
+inline size_t lut_word(size_t, size_t J, size_t g, size_t j, size_t r) { return (g * J + j) * kLutRows + r; }
 
 // tab (6·J·32 floats) for activations a[0..18·J) (caller zero-pads past K).
 using LutTables = void (*)(const float* a, size_t J, float* tab);

@@ -179,22 +179,19 @@ inline __m512 lut_half(const float* x) {
   return e;
 }
 
-// Software prefetch distance: one 4-group pass of a block ahead (the next 8 KiB of the slab's stream); the
-// hardware prefetcher alone leaves the loop waiting on weights from DRAM.
-constexpr size_t kLutAhead = 4 * kLutJb * kLutRows;  // words
-
-// io[g] += the sums of groups g < NG over the w ≤ kLutJb columns of one K block (Wl: group 0's first word,
-// groups w·16 words apart), in lut_scalar's order.
+// io[g] += the sums of groups g < NG over the w ≤ kLutJb columns of one K block (Wl: group 0's first word in
+// the block, groups J·16 words apart), in lut_scalar's order. Each group's next K block is prefetched into L2:
+// with weights from DRAM the hardware prefetcher alone leaves the loop waiting (a group's run here is 2 KiB).
 template <int NG>
-inline void lut_block(const float* tab, size_t w, const uint32_t* Wl, __m512* io) {
+inline void lut_block(const float* tab, size_t w, size_t J, const uint32_t* Wl, bool ahead, __m512* io) {
   __m512 acc[NG][2];
   for (int g = 0; g < NG; ++g) acc[g][0] = io[g], acc[g][1] = _mm512_setzero_ps();
   for (size_t j = 0; j < w; ++j, tab += 6 * 32) {
     __m512i x[NG];
     for (int g = 0; g < NG; ++g) {
-      const uint32_t* p = Wl + (g * w + j) * kLutRows;
+      const uint32_t* p = Wl + (g * J + j) * kLutRows;
       x[g] = _mm512_loadu_si512(p);
-      _mm_prefetch(reinterpret_cast<const char*>(p + kLutAhead), _MM_HINT_T0);
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(p + kLutJb * kLutRows), _MM_HINT_T1);
     }
 #define BMOE_LUT(s)                                                                                     \
   {                                                                                                     \
@@ -223,19 +220,19 @@ void lut_avx512(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_
   const size_t G = lut_groups(N);
   for (size_t b = b0; b < b1 && b * kLutSlab < G; ++b) {
     const size_t g0 = b * kLutSlab, nb = std::min(kLutSlab, G - g0);
-    const uint32_t* slab = Wl + g0 * J * kLutRows;
     __m512 acc[kLutSlab];
     for (size_t i = 0; i < nb; ++i) acc[i] = _mm512_setzero_ps();
     for (size_t j0 = 0; j0 < J; j0 += kLutJb) {
       const size_t w = std::min(kLutJb, J - j0);
-      const uint32_t* block = slab + j0 * nb * kLutRows;
+      const bool ahead = j0 + kLutJb < J;  // (past J a prefetch only touches the next group)
       for (size_t i = 0; i < nb; i += 4) {
-        const uint32_t* p = block + i * w * kLutRows;
+        const uint32_t* p = Wl + ((g0 + i) * J + j0) * kLutRows;
+        const float* t = tab + 6 * 32 * j0;
         switch (std::min<size_t>(4, nb - i)) {
-          case 4: lut_block<4>(tab + 6 * 32 * j0, w, p, acc + i); break;
-          case 3: lut_block<3>(tab + 6 * 32 * j0, w, p, acc + i); break;
-          case 2: lut_block<2>(tab + 6 * 32 * j0, w, p, acc + i); break;
-          default: lut_block<1>(tab + 6 * 32 * j0, w, p, acc + i); break;
+          case 4: lut_block<4>(t, w, J, p, ahead, acc + i); break;
+          case 3: lut_block<3>(t, w, J, p, ahead, acc + i); break;
+          case 2: lut_block<2>(t, w, J, p, ahead, acc + i); break;
+          default: lut_block<1>(t, w, J, p, ahead, acc + i); break;
         }
       }
     }
