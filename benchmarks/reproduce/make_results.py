@@ -94,11 +94,11 @@ def stat(seeds: Seeds, value: Callable[[Run], float]) -> Stat:
     return Stat(tuple(done), tuple(value(r) for r in done.values()))
 
 
-def test_ppl(run: Run) -> float:
+def final_test_ppl(run: Run) -> float:
     return run["metrics"]["test"]["ppl"]
 
 
-def valid_ppl(run: Run) -> float:
+def final_valid_ppl(run: Run) -> float:
     return run["metrics"]["valid"]["ppl"]
 
 
@@ -185,8 +185,8 @@ def main_table(data: dict, groups: dict[str, Seeds]) -> list[str]:
         ratio = f"{dense / eb:.1f}×" if c["n_experts"] > 1 else "—"
         tokens = {r["metrics"]["train_tokens"] for r in done.values()}
         out.append(f"| {name(c)} | {', '.join(map(str, done))} of {', '.join(map(str, seeds))} | "
-                   f"{stat(seeds, test_ppl).text()} | {stat(seeds, test_ppl).per_seed()} | "
-                   f"{stat(seeds, valid_ppl).text()} | {stat(seeds, lambda r: r['metrics']['test']['word_ppl']).text(1)} | "
+                   f"{stat(seeds, final_test_ppl).text()} | {stat(seeds, final_test_ppl).per_seed()} | "
+                   f"{stat(seeds, final_valid_ppl).text()} | {stat(seeds, lambda r: r['metrics']['test']['word_ppl']).text(1)} | "
                    f"{eb / MIB:.3f} MiB | {measured_from_files(c)} | {ratio} | "
                    f"{'/'.join(f'{t / 1e6:.1f}M' for t in sorted(tokens))} | {device(data, seeds)} |")
     return out
@@ -209,7 +209,7 @@ def unfinished_table(groups: dict[str, Seeds]) -> list[str]:
 def pair_rows(groups: dict[str, Seeds], a: str, b: str, label: str) -> list[str]:
     """Rows comparing config b against config a: final test ppl and best valid ppl along training."""
     rows = []
-    for metric, f in (("test ppl at the end", test_ppl), ("best valid ppl along training", lambda r: best_valid(r)[0])):
+    for metric, f in (("test ppl at the end", final_test_ppl), ("best valid ppl along training", lambda r: best_valid(r)[0])):
         sa, sb = stat(groups[a], f), stat(groups[b], f)
         rows.append(f"| {label} | {metric} | {sa.text()} ({sa.per_seed()}) | {sb.text()} ({sb.per_seed()}) | "
                     f"{pct(sb.mean, sa.mean)} | {verdict(sa, sb)} |")
@@ -228,7 +228,7 @@ def comparisons(groups: dict[str, Seeds]) -> list[str]:
             out += pair_rows(groups, f"wt_dense_n{n}", f"wt_butterfly_n{n}", str(n))
         elif have(f"wt_butterfly_n{n}"):
             out.append(f"| {n} | test ppl at the end | not run (would be {4 * n * 2048 * 512 * 4 / MIB:.0f} MiB of "
-                       f"fp32 experts) | {stat(groups[f'wt_butterfly_n{n}'], test_ppl).text()} | — | — |")
+                       f"fp32 experts) | {stat(groups[f'wt_butterfly_n{n}'], final_test_ppl).text()} | — | — |")
     out += ["", "### Static (frozen random) rotations against trained ones", "",
             *(h.format(a="ButterflyMoE", b="static") for h in head)]
     for n in (8, 64):
@@ -347,7 +347,7 @@ def plot(data: dict, path: Path) -> None:
     groups = group(data["runs"])
     style = {"dense": ("s", "tab:red"), "ternary": ("^", "tab:orange"), "static": ("x", "tab:gray"),
              "butterfly": ("o", "tab:blue"), "qat": ("P", "tab:purple")}
-    metrics = (("test ppl at the end (6000 steps)", "test perplexity", test_ppl),
+    metrics = (("test ppl at the end (6000 steps)", "test perplexity", final_test_ppl),
                ("best valid ppl along training (evaluated every 1000 steps)", "best valid perplexity",
                 lambda r: best_valid(r)[0]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), dpi=130)
