@@ -8,7 +8,8 @@ import math
 import re
 from pathlib import Path
 
-from benchmarks.reproduce.make_results import RESULTS, Stat, best_valid, exceeds_spread, group, stat, tables, final_test_ppl
+from benchmarks.reproduce.make_results import (RESULTS, Stat, best_valid, exceeds_spread, final_test_ppl, group,
+                                                 stat, tables)
 from benchmarks.results import markers
 
 REPO = Path(__file__).resolve().parents[1]

@@ -186,7 +186,8 @@ def main_table(data: dict, groups: dict[str, Seeds]) -> list[str]:
         tokens = {r["metrics"]["train_tokens"] for r in done.values()}
         out.append(f"| {name(c)} | {', '.join(map(str, done))} of {', '.join(map(str, seeds))} | "
                    f"{stat(seeds, final_test_ppl).text()} | {stat(seeds, final_test_ppl).per_seed()} | "
-                   f"{stat(seeds, final_valid_ppl).text()} | {stat(seeds, lambda r: r['metrics']['test']['word_ppl']).text(1)} | "
+                   f"{stat(seeds, final_valid_ppl).text()} | "
+                   f"{stat(seeds, lambda r: r['metrics']['test']['word_ppl']).text(1)} | "
                    f"{eb / MIB:.3f} MiB | {measured_from_files(c)} | {ratio} | "
                    f"{'/'.join(f'{t / 1e6:.1f}M' for t in sorted(tokens))} | {device(data, seeds)} |")
     return out
@@ -209,7 +210,8 @@ def unfinished_table(groups: dict[str, Seeds]) -> list[str]:
 def pair_rows(groups: dict[str, Seeds], a: str, b: str, label: str) -> list[str]:
     """Rows comparing config b against config a: final test ppl and best valid ppl along training."""
     rows = []
-    for metric, f in (("test ppl at the end", final_test_ppl), ("best valid ppl along training", lambda r: best_valid(r)[0])):
+    for metric, f in (("test ppl at the end", final_test_ppl),
+                      ("best valid ppl along training", lambda r: best_valid(r)[0])):
         sa, sb = stat(groups[a], f), stat(groups[b], f)
         rows.append(f"| {label} | {metric} | {sa.text()} ({sa.per_seed()}) | {sb.text()} ({sb.per_seed()}) | "
                     f"{pct(sb.mean, sa.mean)} | {verdict(sa, sb)} |")
@@ -220,7 +222,8 @@ def comparisons(groups: dict[str, Seeds]) -> list[str]:
     def have(k: str) -> bool:
         return k in groups and bool(complete(groups[k]))
 
-    head = ["| N | metric | {a} | {b} | Δ mean ({b} vs {a}) | larger than the seed spread? |", "|---|---|---|---|---|---|"]
+    head = ["| N | metric | {a} | {b} | Δ mean ({b} vs {a}) | larger than the seed spread? |",
+            "|---|---|---|---|---|---|"]
     out = ["### ButterflyMoE against the dense MoE at the same N", "",
            *(h.format(a="dense MoE", b="ButterflyMoE") for h in head)]
     for n in (8, 64, 256):
@@ -260,7 +263,8 @@ def training_table(groups: dict[str, Seeds], keys: list[str], unit: str = "ppl")
     digits = 2 if unit == "ppl" else 3
     steps = sorted({h["step"] for k in keys for r in groups[k].values()
                     for h in r.get("metrics", {}).get("history", []) if h["step"] > 0})
-    out = [f"| run | {' | '.join(f'step {s}' for s in steps)} | best (mean ± std) | at step | end vs best | overfits? |",
+    out = [f"| run | {' | '.join(f'step {s}' for s in steps)} | best (mean ± std) | at step | end vs best | "
+           "overfits? |",
            "|---|" + "---|" * (len(steps) + 4)]
     for k in keys:
         seeds = groups[k]
@@ -367,7 +371,8 @@ def plot(data: dict, path: Path) -> None:
                                                 else LABEL[kind])
             ax.errorbar(x, s.mean, yerr=s.std or 0, fmt=mk, color=col, ms=8, capsize=4, zorder=3, label=label)
             ax.annotate(f"N={c['n_experts']}" + (" (1 seed)" if s.n == 1 else ""), (x, s.mean),
-                        textcoords="offset points", xytext=(7, -12 if kind in ("butterfly", "qat") else 4), fontsize=8, color=col)
+                        textcoords="offset points", xytext=(7, -12 if kind in ("butterfly", "qat") else 4),
+                        fontsize=8, color=col)
             lines.setdefault(kind, []).append((x, s.mean))
         for kind, pts in lines.items():
             if len(pts) > 1:
