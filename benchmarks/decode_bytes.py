@@ -85,6 +85,45 @@ def decode_tok_s(model_dir: Path, prompt: list[int], n: int, threads: int) -> fl
     return stats.decode_tok_s
 
 
+def op_times(model_dir: Path, prompt: list[int], n: int, threads: int) -> dict[str, float]:
+    """ms per decoded token by ONNX operator type (ORT's profiler, one greedy run of n tokens; the prompt's
+    step excluded), plus "run overhead": session run time outside the kernels."""
+    import onnxruntime as ort
+
+    from bmoe_runtime.backends import ort_ops
+
+    opts = ort.SessionOptions()
+    ort_ops.register(opts, model_dir=model_dir)
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = str(Path(tmp) / "decode")
+        sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        cfg = json.loads((model_dir / "manifest.json").read_text())["config"]
+        d_head = cfg["d_model"] // cfg["n_heads"]
+        kv = {f"past_{kind}_{i}": np.zeros((1, cfg["n_heads"], 0, d_head), np.float32)
+              for i in range(cfg["n_layers"]) for kind in ("key", "value")}
+        ids, pos = prompt, 0
+        for _ in range(n + 1):
+            out = sess.run(None, {"input_ids": np.array([ids], np.int64),
+                                  "attention_mask": np.ones((1, pos + len(ids)), np.int64),
+                                  "position_ids": np.arange(pos, pos + len(ids), dtype=np.int64)[None], **kv})
+            pos += len(ids)
+            ids = [int(out[0][0, -1].argmax())]
+            kv = {name.replace("present", "past"): v for name, v in zip((o.name for o in sess.get_outputs()), out)
+                  if name.startswith("present")}
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    first_end = runs[0]["ts"] + runs[0]["dur"]  # the prompt's step
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_end:
+            op = e["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / n
+    per_op["run overhead"] = sum(r["dur"] for r in runs[1:]) / 1e3 / n - sum(per_op.values())
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
 def synthetic_exports(work: Path) -> list[tuple[str, Path]]:
     import torch
 
@@ -115,7 +154,7 @@ def run(exports: list[tuple[str, Path]], repeats: int, n: int, threads: int, buf
             r["tok_s"].append(decode_tok_s(r["dir"], prompt, n, threads))
     gbs = statistics.median(bandwidth)
     for r in rows:
-        del r["dir"]
+        r["ms_by_op"] = op_times(r.pop("dir"), prompt, n, threads)
         total = sum(r["bytes"].values())
         r["bytes_per_token"] = total
         r["bound_tok_s"] = gbs * 1e9 / total
@@ -131,14 +170,33 @@ def table(res: dict) -> str:
              f"median (min–max) of {res['repeats']} repeats interleaved with the streaming read "
              f"({statistics.median(gbs):.1f} ({min(gbs):.1f}–{max(gbs):.1f}) GB/s, np.max over "
              f"{res['buffer_mib']} MiB); KV cache at {res['context']} positions. MiB per decoded token:", "",
-             "| export | " + " | ".join(COMPONENTS) + " | **total** | bound tok/s | measured tok/s | of bound |",
-             "|---|" + "---|" * (len(COMPONENTS) + 4)]
+             "| export | " + " | ".join(COMPONENTS) + " | **total** | bound tok/s | measured tok/s | of bound "
+             "| ms/token: reads at bandwidth + the rest |",
+             "|---|" + "---|" * (len(COMPONENTS) + 5)]
     for r in res["rows"]:
         b = r["bytes"]
         t = r["tok_s"]
         lines.append(f"| {r['export']} | " + " | ".join(f"{b[c] / MIB:.2f}" for c in COMPONENTS)
                      + f" | **{r['bytes_per_token'] / MIB:.2f}** | {r['bound_tok_s']:.0f} | "
-                       f"{r['tok_s_median']:.0f} ({min(t):.0f}–{max(t):.0f}) | {100 * r['of_bound']:.0f} % |")
+                       f"{r['tok_s_median']:.0f} ({min(t):.0f}–{max(t):.0f}) | {100 * r['of_bound']:.0f} % | "
+                       f"{1e3 / r['bound_tok_s']:.2f} + {1e3 / r['tok_s_median'] - 1e3 / r['bound_tok_s']:.2f} |")
+    rows = res["rows"]
+    share = {op: max(r["ms_by_op"].get(op, 0) / sum(r["ms_by_op"].values()) for r in rows)
+             for r0 in rows for op in r0["ms_by_op"]}
+    ops = sorted((op for op in share if share[op] >= 0.02 and op != "run overhead"),
+                 key=lambda op: -rows[0]["ms_by_op"].get(op, 0))
+    lines += ["", "ms per decoded token by operator (ORT's profiler, one run of the same tokens; profiling adds "
+              "a little to every node, so the profiled total exceeds the timed one):", "",
+              "| operator | " + " | ".join(r["export"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for op in ops:
+        lines.append(f"| {op} | " + " | ".join(f"{r['ms_by_op'].get(op, 0):.3f}" for r in rows) + " |")
+    other = [sum(v for op, v in r["ms_by_op"].items() if op not in ops and op != "run overhead") for r in rows]
+    lines.append("| other operators | " + " | ".join(f"{v:.3f}" for v in other) + " |")
+    lines.append("| outside the kernels (session run) | " + " | ".join(f"{r['ms_by_op']['run overhead']:.3f}"
+                                                                      for r in rows) + " |")
+    lines.append("| **total profiled** | " + " | ".join(f"**{sum(r['ms_by_op'].values()):.3f}**" for r in rows) + " |")
+    lines.append("| timed, unprofiled (1 / median tok/s) | " + " | ".join(f"{1e3 / r['tok_s_median']:.3f}"
+                                                                           for r in rows) + " |")
     return "\n".join(lines)
 
 

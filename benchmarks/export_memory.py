@@ -57,6 +57,7 @@ SPECS = [
     Spec("d512 butterfly N=64 + AdamW state", dict(D512, n_experts=64), ("default",), optimizer=True),
     Spec("d512 butterfly N=64, QAT", dict(D512, n_experts=64, **QAT), ("attn+proj ternary",)),
     Spec("d512 dense N=64, 2 layers, d_ff 1024", dict(D512, n_layers=2, d_ff=1024, n_experts=64, variant="dense")),
+    Spec("d512 dense N=64 (paper preset shape)", dict(D512, n_experts=64, variant="dense")),
 ]
 
 
@@ -134,8 +135,8 @@ def run(repeats: int, work: Path) -> dict:
                 secs.append(t)
             rows.append({"checkpoint": spec.name, "options": label, "ckpt_bytes": size, "peak_rss": peaks,
                          "sampled_rss": sampled, "seconds": secs})
-            print(f"{spec.name}, {label}: checkpoint {size / MIB:.1f} MiB, peak {statistics.median(peaks) / MIB:.0f} MiB "
-                  f"({statistics.median(secs):.1f} s)", flush=True)
+            print(f"{spec.name}, {label}: checkpoint {size / MIB:.1f} MiB, "
+                  f"peak {statistics.median(peaks) / MIB:.0f} MiB ({statistics.median(secs):.1f} s)", flush=True)
         ckpt.unlink()
     base = {r["options"]: statistics.median(r["peak_rss"]) for r in rows if r["checkpoint"] == BASELINE}
     for r in rows:

@@ -28,10 +28,10 @@ from torch import nn
 
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.format.manifest import tensor_kind
-from bmoe_runtime.format.packing import pack_trits
 from bmoe_runtime.nn.ternary import TernaryLinear, fake_quantize, quantize
 
 from . import torch_ops  # noqa: F401  (registers torch.ops.bmoe.*)
+from .packed import pack_rows
 
 LINEAR_FORMATS = ("fp32", "int4", "ternary")
 EMBED_FORMATS = ("fp32", "int8", "int4")
@@ -49,13 +49,13 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
     """W [N, K] → (B [N, k_blocks, block_size·bits/8] uint8, scales [N, k_blocks] float32), MatMulNBits layout.
 
     Symmetric: code = round(w / s) + 2^(bits-1) with s = max|w| / (2^(bits-1) − 1) over the block;
-    K is zero-padded to whole blocks. Rows go in chunks of ~1M weights: the float temporaries stay a few
+    K is zero-padded to whole blocks. Rows go in chunks of ~256K weights: the float temporaries stay a few
     MiB whatever the weight's size (the exporter's bounded memory)."""
     n, k = w.shape
     k_blocks = -(-k // block_size)
     codes = np.empty((n, k_blocks, block_size * bits // 8), np.uint8)
     scales = np.empty((n, k_blocks), np.float32)
-    step = max(1, (1 << 20) // (k_blocks * block_size))
+    step = max(1, (1 << 18) // (k_blocks * block_size))
     for r in range(0, n, step):
         codes[r:r + step], scales[r:r + step] = _quantize_rows(w[r:r + step], bits, block_size, k_blocks)
     return codes, scales
@@ -82,7 +82,7 @@ class PackedTernaryLinear(nn.Module):
         super().__init__()
         self.k, self.packing, self.act_quant = linear.in_features, packing, int(act_quant)
         trits, scale = quantize(linear.weight, linear.per_row_scale)
-        self.register_buffer("trits", torch.from_numpy(pack_trits(trits.numpy(), packing)))
+        self.register_buffer("trits", pack_rows(trits, packing))
         self.register_buffer("trit_scale", scale.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

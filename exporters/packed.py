@@ -8,6 +8,7 @@ GatheredExperts         independent experts as one [N, d_out, d_in] table → Ga
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +19,14 @@ from bmoe_runtime.nn.ternary import quantize
 from . import torch_ops  # noqa: F401  (registers torch.ops.bmoe.*)
 
 ANGLE_DTYPES = ("fp32", "fp16", "int8")
+PACK_CHUNK = 1 << 18  # trits packed at a time: pack_trits' int64 temporaries stay ~4 MiB whatever the matrix
+
+
+def pack_rows(trits: torch.Tensor, packing: str) -> torch.Tensor:
+    """pack_trits of [N, K] trits, a chunk of rows at a time (rows pack independently)."""
+    t = trits.numpy()
+    step = max(1, PACK_CHUNK // max(1, t.shape[1]))
+    return torch.from_numpy(np.concatenate([pack_trits(t[r:r + step], packing) for r in range(0, len(t), step)]))
 
 
 def encode_angles(angles: torch.Tensor, active: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -39,7 +48,7 @@ class PackedButterflyExperts(nn.Module):
         super().__init__()
         self.d_in, self.d_out, self.packing, self.act_quant = bank.d_in, bank.d_out, packing, int(act_quant)
         trits, scale = quantize(bank.weight, bank.per_row_scale)
-        self.register_buffer("w_packed", torch.from_numpy(pack_trits(trits.numpy(), packing)))
+        self.register_buffer("w_packed", pack_rows(trits, packing))
         self.register_buffer("w_scale", scale.float())
         for side, rot in (("theta", bank.theta), ("phi", bank.phi)):
             angles, angle_scale = encode_angles(rot.angles, rot.active, angle_dtype)
