@@ -78,7 +78,7 @@ constexpr size_t kLutRows = 16, kLutK = 18, kLutSlab = 16, kLutJb = 32;
 inline size_t lut_cols(size_t K) { return (K + kLutK - 1) / kLutK; }  // J
 inline size_t lut_groups(size_t N) { return (N + kLutRows - 1) / kLutRows; }
 inline size_t lut_slabs(size_t N) { return (lut_groups(N) + kLutSlab - 1) / kLutSlab; }
-inline size_t lut_word(size_t, size_t J, size_t g, size_t j, size_t r) { return (g * J + j) * kLutRows + r; }
+inline size_t lut_word(size_t J, size_t g, size_t j, size_t r) { return (g * J + j) * kLutRows + r; }
 
 // tab (6·J·32 floats) for activations a[0..18·J) (caller zero-pads past K).
 using LutTables = void (*)(const float* a, size_t J, float* tab);

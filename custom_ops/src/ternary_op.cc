@@ -109,7 +109,7 @@ void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L
       uint32_t word = 0;
       for (size_t s = 0; s < 6; ++s)
         word |= static_cast<uint32_t>(x[3 * s] + 3 * x[3 * s + 1] + 9 * x[3 * s + 2]) << (5 * s);
-      L.w[lut_word(L.G, L.J, n / kLutRows, j, n % kLutRows)] = word;
+      L.w[lut_word(L.J, n / kLutRows, j, n % kLutRows)] = word;
     }
   }
   L.bad = bad != 0;
@@ -280,7 +280,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
       std::fill(xa + m * kl + k, xa + (m + 1) * kl, 0.f);
     }
     // First the tables, a K block of one row of A an item (the build is ~15% of a call at 8 threads when one thread
-    // does it), then one item a slab (256 rows: one sequential stream of weights).
+    // does it), then one item a slab (16 row groups, 256 rows of W).
     auto table = [&](size_t i) {
       const size_t m = i / blocks, j0 = i % blocks * kLutJb;
       kern.lut_tables(xa + m * kl + kLutK * j0, std::min(kLutJb, J - j0), tabs + m * tf + 6 * 32 * j0);

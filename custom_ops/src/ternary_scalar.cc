@@ -92,7 +92,7 @@ void lut_scalar(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_
       for (size_t j0 = 0; j0 < J; j0 += kLutJb) {
         float sum[2] = {acc, 0.f};  // even and odd s
         for (size_t j = j0; j < J && j < j0 + kLutJb; ++j) {
-          const uint32_t w = Wl[lut_word(G, J, g, j, r)];
+          const uint32_t w = Wl[lut_word(J, g, j, r)];
           for (size_t s = 0; s < 6; ++s) sum[s & 1] += tab[(6 * j + s) * 32 + ((w >> (5 * s)) & 31u)];
         }
         acc = sum[0] + sum[1];
