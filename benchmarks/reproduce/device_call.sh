@@ -15,6 +15,7 @@ kill $SMI
 python3 - "$RUN_DIR" "$OUT" <<'PY'
 import sys, torch
 from pathlib import Path
+from bmoe_runtime.train.checkpoint import content_sha256
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 done = {}
 for pt in sorted(run_dir.glob("bundled_*.pt")):
@@ -26,6 +27,7 @@ if done:
     best = min(done, key=done.get)
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     ckpt.pop("train_state", None)
+    ckpt["checksum"] = {"sha256": content_sha256(ckpt)}  # it covers the content, which has just changed
     torch.save(ckpt, run_dir / "bundled_best.pt")
     data = (run_dir / "bundled_best.pt").read_bytes()
     for i in range(0, len(data), 15 << 20):

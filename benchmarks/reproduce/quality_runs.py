@@ -134,7 +134,7 @@ def main() -> None:
     import torch
     (a.run_dir / "gpu.txt").write_text(f"{smi.strip()}\ntorch {torch.__version__}\n")
     (a.run_dir / "commands.txt").write_text("".join(
-        "python -m bmoe_runtime.cli train " + " ".join(r.command(Path(f"{r.name}.pt"), False)[5:]) + "\n"
+        "python -m bmoe_runtime.cli train " + " ".join(r.command(Path(f"{r.name}.pt"), False)[4:]) + "\n"
         for r in runs))
     n_gpu = gpus()
     queue = [r for r in runs if not finished(a.run_dir / f"{r.name}.pt")]
