@@ -28,10 +28,10 @@ from torch import nn
 
 from bmoe_runtime.errors import BmoeError
 from bmoe_runtime.format.manifest import tensor_kind
-from bmoe_runtime.nn.ternary import TernaryLinear, fake_quantize, quantize
+from bmoe_runtime.nn.ternary import TernaryLinear, fake_quantize
 
 from . import torch_ops  # noqa: F401  (registers torch.ops.bmoe.*)
-from .packed import pack_rows
+from .packed import pack_ternary
 
 LINEAR_FORMATS = ("fp32", "int4", "ternary")
 EMBED_FORMATS = ("fp32", "int8", "int4")
@@ -81,9 +81,9 @@ class PackedTernaryLinear(nn.Module):
     def __init__(self, linear: TernaryLinear, packing: str, act_quant: bool):
         super().__init__()
         self.k, self.packing, self.act_quant = linear.in_features, packing, int(act_quant)
-        trits, scale = quantize(linear.weight, linear.per_row_scale)
-        self.register_buffer("trits", pack_rows(trits, packing))
-        self.register_buffer("trit_scale", scale.float())
+        trits, scale = pack_ternary(linear.weight, linear.per_row_scale, packing)
+        self.register_buffer("trits", trits)
+        self.register_buffer("trit_scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.bmoe.ternary_matmul(x.reshape(-1, self.k), self.trits, self.trit_scale, self.k, self.packing,

@@ -19,7 +19,9 @@ from bmoe_runtime.nn.ternary import quantize
 from . import torch_ops  # noqa: F401  (registers torch.ops.bmoe.*)
 
 ANGLE_DTYPES = ("fp32", "fp16", "int8")
-PACK_CHUNK = 1 << 18  # trits packed at a time: pack_trits' int64 temporaries stay ~4 MiB whatever the matrix
+# weights quantized and packed at a time: the float temporaries of quantize and pack_trits' int64 ones stay a
+# few MiB whatever the matrix (the exporter's bounded memory)
+PACK_CHUNK = 1 << 18
 
 
 def pack_rows(trits: torch.Tensor, packing: str) -> torch.Tensor:
@@ -27,6 +29,18 @@ def pack_rows(trits: torch.Tensor, packing: str) -> torch.Tensor:
     t = trits.numpy()
     step = max(1, PACK_CHUNK // max(1, t.shape[1]))
     return torch.from_numpy(np.concatenate([pack_trits(t[r:r + step], packing) for r in range(0, len(t), step)]))
+
+
+def pack_ternary(w: torch.Tensor, per_row: bool, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed trits [N, Kb] uint8, scales [N] float32) of W [N, K], as quantize + pack_trits, a chunk of rows at
+    a time where the scale is per row (a per-tensor scale needs every row at once)."""
+    step = max(1, PACK_CHUNK // max(1, w.shape[1])) if per_row else len(w)
+    packed, scales = [], []
+    for r in range(0, len(w), step):
+        trits, scale = quantize(w[r:r + step], per_row)
+        packed.append(pack_rows(trits, packing))
+        scales.append(scale.float())
+    return torch.cat(packed), torch.cat(scales)
 
 
 def encode_angles(angles: torch.Tensor, active: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -47,9 +61,9 @@ class PackedButterflyExperts(nn.Module):
     def __init__(self, bank: ButterflyExperts, packing: str = "2bit", angle_dtype: str = "fp32", act_quant: bool = False):
         super().__init__()
         self.d_in, self.d_out, self.packing, self.act_quant = bank.d_in, bank.d_out, packing, int(act_quant)
-        trits, scale = quantize(bank.weight, bank.per_row_scale)
-        self.register_buffer("w_packed", pack_rows(trits, packing))
-        self.register_buffer("w_scale", scale.float())
+        w_packed, w_scale = pack_ternary(bank.weight, bank.per_row_scale, packing)
+        self.register_buffer("w_packed", w_packed)
+        self.register_buffer("w_scale", w_scale)
         for side, rot in (("theta", bank.theta), ("phi", bank.phi)):
             angles, angle_scale = encode_angles(rot.angles, rot.active, angle_dtype)
             self.register_buffer(f"{side}_angles", angles)
