@@ -133,9 +133,10 @@ def _path(root: nn.Module, target: nn.Module) -> str:
 class _Graph:
     """Just enough graph surgery: fresh names, new initializers, node lists."""
 
-    def __init__(self, model: onnx.ModelProto, values: Callable[[onnx.TensorProto], np.ndarray]):
+    def __init__(self, model: onnx.ModelProto, values: Callable[[onnx.TensorProto], np.ndarray],
+                 initializer: Callable[[np.ndarray, str], onnx.TensorProto]):
         self.g = model.graph
-        self.values = values
+        self.values, self.initializer = values, initializer
         self.inits = {t.name: t for t in self.g.initializer}
         self.producer = {o: n for n in self.g.node for o in n.output}
         self.quantized: dict[tuple[str, int], tuple[str, str, int, int]] = {}
@@ -164,8 +165,8 @@ class _Graph:
             w = w.T if transpose else w
             blob, scales = quantize_blockwise(w, bits, block_size)
             suffix = f"_q{bits}"
-            self.g.initializer.extend([numpy_helper.from_array(blob, weight + suffix),
-                                       numpy_helper.from_array(scales, weight + suffix + "_scales")])
+            self.g.initializer.extend([self.initializer(blob, weight + suffix),
+                                       self.initializer(scales, weight + suffix + "_scales")])
             self.quantized[key] = (weight + suffix, weight + suffix + "_scales", *w.shape)
         return self.quantized[key]
 
@@ -226,14 +227,17 @@ def _linear_weight(gr: _Graph, node: onnx.NodeProto) -> tuple[str, bool] | None:
 
 
 def compress_graph(model: onnx.ModelProto, formats: dict[str, str], block_size: int = 32,
-                   values: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> dict[str, int]:
+                   values: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array,
+                   initializer: Callable[[np.ndarray, str], onnx.TensorProto] = numpy_helper.from_array
+                   ) -> dict[str, int]:
     """Rewrite `model` in place: int4/int8 components become MatMulNBits / dequantizing Gathers.
-    values: an initializer's array (the exporter's reads weights the proto holds only a reference to).
+    values / initializer: an initializer's array, a new quantized weight's initializer (the exporter's hold
+    weights outside the proto, external.py).
     Returns how many nodes were rewritten per component; refuses a chosen component with no weights."""
     bits_of = {kind: BITS[fmt] for kind, fmt in formats.items() if fmt in BITS}
     if not bits_of:
         return {}
-    gr = _Graph(model, values)
+    gr = _Graph(model, values, initializer)
     done = {kind: 0 for kind in bits_of}
     nodes: list[onnx.NodeProto] = []
     for node in gr.g.node:

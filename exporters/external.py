@@ -44,6 +44,14 @@ class DeferredTensors:
             self._tensors[name] = t
             value.const_value = ir.ExternalTensor(_PENDING, None, None, t.dtype, shape=t.shape, name=name)
 
+    def initializer(self, value: np.ndarray, name: str) -> onnx.TensorProto:
+        """A new initializer for the proto: a placeholder, `value` kept here, unless it stays inline."""
+        if stays_inline(name, value.nbytes):
+            return numpy_helper.from_array(value, name)
+        self._tensors[name] = ir.Tensor(value, name=name)
+        return ir.serde.serialize_tensor(ir.ExternalTensor(_PENDING, None, None, ir.DataType.from_numpy(value.dtype),
+                                                           shape=ir.Shape(value.shape), name=name))
+
     def array(self, t: onnx.TensorProto) -> np.ndarray:
         """An initializer's values: the deferred tensor (a view, no copy) or the proto's own data."""
         deferred = self._tensors.get(t.name)

@@ -155,7 +155,7 @@ def _export_owned(module: nn.Module, example_inputs: tuple, out_dir: str | Path,
     prepare_linears(module, options.formats(), options.packing, options.act_quant)
     with torch.no_grad():
         model, tensors = _capture(module, example_inputs, input_names, output_names, dynamic_shapes)
-    compress_graph(model, options.formats(), options.block_size, tensors.array)
+    compress_graph(model, options.formats(), options.block_size, tensors.array, tensors.initializer)
     meta = {"kind": "module", **(meta or {}), "export_options": asdict(options), "expert_banks": n_banks,
             "inputs": input_names, "outputs": output_names}
     return _write_dir(Path(out_dir), model, meta, extra_files or {}, force, tensors)
