@@ -31,7 +31,7 @@ from torch import nn
 
 from bmoe_runtime.format import op_schemas
 from bmoe_runtime.format.export_dir import check_out_dir, staged_export
-from bmoe_runtime.format.manifest import MANIFEST, build_manifest, tensor_kind
+from bmoe_runtime.format.manifest import MANIFEST, build_manifest
 from bmoe_runtime.nn.model import MoELM
 from bmoe_runtime.format.packing import PACKINGS
 

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import decode_bytes, export_memory
 from benchmarks.decode_bytes import bytes_per_token
 from benchmarks.export_memory import export_peak_rss
+from benchmarks.results import markers
 from bmoe_runtime.format.tokenizer import ByteTokenizer
 from bmoe_runtime.nn.model import ModelConfig, MoELM
 from bmoe_runtime.runtime.generate import Generator
@@ -122,3 +124,11 @@ def test_decode_bytes_per_component_by_hand(tmp_path):
     }
     assert max_seq == manifest["config"]["max_seq"]
     assert bytes_per_token(manifest, context) == expected
+
+
+@pytest.mark.parametrize("module,tag", [(export_memory, "export-memory-table"), (decode_bytes, "decode-bytes-table")])
+def test_memory_doc_tables_are_generated_from_their_json(module, tag):
+    begin, end = markers(tag)
+    doc = (REPO / "docs" / "memory.md").read_text(encoding="utf-8")
+    res = json.loads((REPO / "docs" / f"{module.__name__.split('.')[-1]}.json").read_text())
+    assert f"{begin}\n{module.table(res)}\n{end}" in doc
