@@ -67,7 +67,7 @@ def test_random_angles_with_files_list_deleted_is_refused(d):
     refused(d, "'files' is a required property")
 
 
-@pytest.mark.parametrize("field, value", [("n_heads", 0), ("n_heads", 3), ("d_model", -1), ("max_seq", 100000),
+@pytest.mark.parametrize("field, value", [("n_heads", 0), ("n_heads", 5), ("d_model", -1), ("max_seq", 100000),
                                           ("vocab_size", 2**40), ("top_k", 17), ("n_layers", "4"),
                                           ("n_experts", 1.5), ("n_heads", True)])
 def test_config_numbers_out_of_bounds_or_inconsistent(d, field, value):
@@ -177,7 +177,7 @@ def test_bytes_by_kind_must_add_up(d):
 
 def test_tensor_past_the_end_of_its_file(d):
     def grow(m):
-        t = m["tensors"]["lm.tok_emb.weight"]
+        t = m["tensors"][next(name for name in m["tensors"] if "tok_emb" in name)]
         t["offset"] = m["files"][t["file"]]["bytes"]
     edit(d, grow)
     refused(d, "ends past the end")

@@ -33,8 +33,9 @@ def unpack_codes(b: np.ndarray, bits: int) -> np.ndarray:
 def dequantize_nbits(b: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
     """B [N, k_blocks, blob] + scales [N·k_blocks] → W [N, K] float32 (zero point 2^(bits-1))."""
     n, k_blocks, _ = b.shape
-    codes = unpack_codes(b, bits).astype(np.float32) - float(1 << (bits - 1))
-    w = codes * scales.reshape(n, k_blocks, 1)
+    w = unpack_codes(b, bits).astype(np.float32)  # in place from here: one float32 copy of W is the peak
+    w -= float(1 << (bits - 1))
+    w *= scales.reshape(n, k_blocks, 1)
     return w.reshape(n, -1)[:, :k]
 
 

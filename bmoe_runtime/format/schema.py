@@ -161,10 +161,11 @@ def _lm_inconsistency(cfg: dict, tensors: dict, angle_tables: list) -> str | Non
         return f"config: top_k {cfg['top_k']} exceeds n_experts {cfg['n_experts']}"
     if any(a["experts"] != cfg["n_experts"] for a in angle_tables):
         return f"an angle table's experts differ from config n_experts {cfg['n_experts']}"
-    # The embeddings fix what the graph can index: positions up to max_seq, tokens up to vocab_size.
-    for suffix, rows in (("tok_emb.weight", "vocab_size"), ("pos_emb.weight", "max_seq")):
+    # The embeddings fix what the graph can index: positions up to max_seq, tokens up to vocab_size; quantized
+    # tables (tok_emb.weight_q8, its _scales, ...) have the same rows.
+    for stem, rows in (("tok_emb.weight", "vocab_size"), ("pos_emb.weight", "max_seq")):
         for name, t in tensors.items():
-            if name.endswith(suffix) and t["shape"][:1] != [cfg[rows]]:  # rows: columns may be packed
+            if stem in name and t["shape"][:1] != [cfg[rows]]:  # rows: columns may be packed
                 return f"tensor {_short(name)} has shape {t['shape']}: its rows are not config {rows} {cfg[rows]}"
     return None
 
