@@ -185,8 +185,9 @@ def table(res: dict) -> str:
              for r0 in rows for op in r0["ms_by_op"]}
     ops = sorted((op for op in share if share[op] >= 0.02 and op != "run overhead"),
                  key=lambda op: -rows[0]["ms_by_op"].get(op, 0))
-    lines += ["", "ms per decoded token by operator (ORT's profiler, one run of the same tokens; profiling adds "
-              "a little to every node, so the profiled total exceeds the timed one):", "",
+    lines += ["", "ms per decoded token by operator (ORT's profiler, one run of the same tokens, not interleaved: "
+              "the profiler's own cost per node and the machine's load inflate it — compare its total with the timed "
+              "one; read it for shares):", "",
               "| operator | " + " | ".join(r["export"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
     for op in ops:
         lines.append(f"| {op} | " + " | ".join(f"{r['ms_by_op'].get(op, 0):.3f}" for r in rows) + " |")

@@ -149,8 +149,9 @@ def run(repeats: int, work: Path) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['cpu']}; peak RSS = VmHWM of the `bmoe-export` process (psutil samples "
-             f"agree), median (min–max) of {res['repeats']} runs; baseline = the same export of a tiny checkpoint "
+    gap = max(abs(statistics.median(r["peak_rss"]) - statistics.median(r["sampled_rss"])) for r in res["rows"])
+    lines = [f"{res['cpu']}; peak RSS = VmHWM of the `bmoe-export` process (psutil's 5 ms samples within "
+             f"{gap / MIB:.1f} MiB of it), median (min–max) of {res['repeats']} runs; baseline = the same export of a tiny checkpoint "
              "(interpreter + torch + torch.onnx: the exporter's fixed cost).", "",
              "| checkpoint | options | checkpoint MiB | peak RSS MiB | peak / ckpt | (peak − baseline) / ckpt "
              "| ≤ 1.5× ckpt + baseline | export s |",
