@@ -264,10 +264,18 @@ def lm_cases(w: Writer, model_dir: Path):
     for i in range(layers):
         feeds[f"past_key_{i}"] = np.zeros((1, heads, 0, d_head), np.float32)
         feeds[f"past_value_{i}"] = np.zeros((1, heads, 0, d_head), np.float32)
+    feeds = sess.with_padding_inputs(feeds)  # attention_mask/position_ids, where the export takes them
     out = sess.run(feeds)
 
+    # MatMulNBits' accuracy_level 4 is a minimum (ORT's spec): ORT may keep the activations fp32 where the
+    # reference quantizes them to int8 per block, and did on aarch64 (logits 0.04-0.16 apart through 6 layers).
+    # Greedy tokens are still compared exactly by the C example; here the tolerance admits that freedom.
+    import onnx
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    rel = 0.12 if any(n.op_type == "MatMulNBits" for n in graph.node) else 2e-4
+
     def outs(o):  # logits: float32 sums over d_model/d_ff; KV tensors are ~unit scale
-        return [(n, v, (2e-4 * (1 + np.abs(v))).astype(np.float32)) for n, v in o.items()]
+        return [(n, v, (rel * (1 + np.abs(v))).astype(np.float32)) for n, v in o.items()]
 
     w.case("lm_default_prefill", None, feeds, outs(out), threads=2, model_files=files)
     # one decode step on top of the reference KV cache
@@ -275,6 +283,7 @@ def lm_cases(w: Writer, model_dir: Path):
     for i in range(layers):
         step[f"past_key_{i}"] = out[f"present_key_{i}"]
         step[f"past_value_{i}"] = out[f"present_value_{i}"]
+    step = sess.with_padding_inputs(step)
     w.case("lm_default_decode", None, step, outs(sess.run(step)), threads=1, model_files=files)
 
 
