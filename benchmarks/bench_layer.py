@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,19 +25,12 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.results import DOCS, replace_block, results_dir  # noqa: E402
+from benchmarks.results import DOCS, cpu_model, replace_block, results_dir  # noqa: E402
 from bmoe_runtime import ButterflyMoE  # noqa: E402
 from bmoe_runtime.backends import ort_ops  # noqa: E402
 from exporters import ExportOptions, export_module  # noqa: E402
 
 D, D_FF, N, K = 512, 2048, 64, 2
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def export(variant: str, root: Path) -> tuple[Path, int]:
@@ -102,7 +94,7 @@ def main() -> None:
                 print(f"{threads} thread(s) {variant:9s}: {ms[variant]['median']:.3f} ms", flush=True)
             rows.append({"threads": threads, **ms, "speedup": ms["dense"]["median"] / ms["butterfly"]["median"]})
     mem = {v: b for v, (_, b) in models.items()}
-    result = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "reps": args.reps, "rows": rows,
+    result = {"cpu": cpu_model(), "onnxruntime": ort.__version__, "reps": args.reps, "rows": rows,
               "expert_bytes": mem, "memory_ratio": mem["dense"] / mem["butterfly"]}
     text = markdown(result)
     print(text)

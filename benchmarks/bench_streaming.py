@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -31,19 +30,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bmoe_runtime import default_model_dir, ort_ops, streaming  # noqa: E402
+from bmoe_runtime import default_model_dir  # noqa: E402
+from bmoe_runtime.backends import ort_ops  # noqa: E402
+from bmoe_runtime.runtime import streaming  # noqa: E402
 from bmoe_runtime.runtime.generate import GenerationStats, Generator  # noqa: E402
 from bmoe_runtime.runtime.session import ModelSession  # noqa: E402
+from benchmarks.results import cpu_model  # noqa: E402
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
 SECTION = "## Streaming: hit rate and speed against cache size"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def prompts(path: Path, count: int, max_bytes: int) -> list[str]:
@@ -191,7 +186,7 @@ def main() -> None:
     argv = " ".join(a if " " not in a else repr(a) for a in sys.argv[1:])
     res = {"meta": {"tag": model.name, "model": str(model), "model_desc": desc, "n_experts": n, "top_k": cfg["top_k"],
                     "prompts": len(texts), "prompt_bytes": args.prompt_bytes, "n_new": args.n_new,
-                    "threads": args.threads, "cores": len(os.sched_getaffinity(0)), "cpu": cpu_name(),
+                    "threads": args.threads, "cores": len(os.sched_getaffinity(0)), "cpu": cpu_model(),
                     "args": argv}, "runs": {}}
     print(f"{desc}; {res['meta']['cpu']}, {args.threads} threads; {len(texts)} prompts × {args.n_new} tokens",
           flush=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from angle_dtype_ppl import nll  # noqa: E402
+from results import cpu_model  # noqa: E402
 from bmoe_runtime.format.tokenizer import ByteTokenizer  # noqa: E402
 from bmoe_runtime.runtime.generate import GenerationStats, Generator  # noqa: E402
 from bmoe_runtime.runtime.session import ModelSession  # noqa: E402
@@ -78,16 +78,6 @@ def decode_tok_s(out: Path, threads: int, prompt: list[int], n: int) -> tuple[fl
     return stats.decode_tok_s, tokens
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def quality(args) -> dict:
     ckpts = {"fp32": args.fp32, "qat": args.qat}
     variants = [v for v in VARIANTS if ckpts[v[1]]]
@@ -120,7 +110,7 @@ def quality(args) -> dict:
         r["tok_s_median"] = statistics.median(r["tok_s"])
         r["speedup"] = r["tok_s_median"] / statistics.median(base["fp32"]["tok_s"])
         del r["dir"]
-    return {"cpu": cpu_name(), "threads": args.threads, "repeats": args.repeats, "decode_tokens": args.n,
+    return {"cpu": cpu_model(), "threads": args.threads, "repeats": args.repeats, "decode_tokens": args.n,
             "valid_tokens": int(len(ids)), "window": window, "fp32_checkpoint": args.fp32, "qat_checkpoint": args.qat,
             "fp32_metrics": {k: v for k, v in ckpt["metrics"].items() if k != "history"}, "rows": rows}
 
@@ -173,7 +163,7 @@ def synthetic(args) -> dict:
         if r["tok_s"]:
             r["tok_s_median"] = statistics.median(r["tok_s"])
             r["speedup"] = r["tok_s_median"] / statistics.median(rows[0]["tok_s"])
-    return {"shape": args.synthetic, "config": config, "cpu": cpu_name(), "threads": args.threads,
+    return {"shape": args.synthetic, "config": config, "cpu": cpu_model(), "threads": args.threads,
             "repeats": args.repeats, "decode_tokens": args.n, "rows": rows}
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.results import DOCS, cpu_model, replace_block, results_dir  # noqa: E402
+from benchmarks.results import cpu_model, publish  # noqa: E402
 
 MIB = 2**20
 COMPONENTS = ("attention", "shared_projection", "prototypes", "angles (top-k)", "experts (top-k)", "router",
@@ -215,14 +215,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         exports = [(d.name, d) for d in args.exports] or synthetic_exports(Path(tmp))
         res = run(exports, args.repeats, args.n, args.threads, args.buffer_mib)
-    text = table(res)
-    print("\n" + text)
-    out = results_dir("decode_bytes", args.out) / "decode_bytes.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"\nwrote {out}")
-    if args.update_docs:  # the table and its data (tests/test_export_memory.py checks they agree)
-        (DOCS / "decode_bytes.json").write_text(json.dumps(res, indent=1))
-        replace_block(DOCS / "memory.md", "decode-bytes-table", text)
+    publish("decode_bytes", res, table(res), args.out, args.update_docs, "memory.md", "decode-bytes-table")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ checkpoint with the same options in the same run; the table gives peak / checkpo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.results import DOCS, cpu_model, replace_block, results_dir  # noqa: E402
+from benchmarks.results import cpu_model, publish  # noqa: E402
 
 MIB = 2**20
 D512 = dict(d_model=512, n_layers=4, n_heads=8, d_ff=2048, max_seq=128, top_k=2)  # the paper preset's shape
@@ -174,14 +173,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         res = run(args.repeats, Path(tmp))
-    text = table(res)
-    print("\n" + text)
-    out = results_dir("export_memory", args.out) / "export_memory.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"\nwrote {out}")
-    if args.update_docs:  # the table and its data (tests/test_export_memory.py checks they agree)
-        (DOCS / "export_memory.json").write_text(json.dumps(res, indent=1))
-        replace_block(DOCS / "memory.md", "export-memory-table", text)
+    publish("export_memory", res, table(res), args.out, args.update_docs, "memory.md", "export-memory-table")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,20 @@ def results_dir(name: str, out: str | Path | None = None) -> Path:
     return path
 
 
+def publish(name: str, res: dict, text: str, out: str | Path | None, update_docs: bool, doc: str, tag: str) -> None:
+    """Print `text`, write `res` to <results dir>/<name>.json and, with --update-docs, also to docs/<name>.json
+    and `text` into `doc`'s `tag` block (tests check that a doc's table and its JSON agree)."""
+    import json
+
+    print("\n" + text)
+    path = results_dir(name, out) / f"{name}.json"
+    path.write_text(json.dumps(res, indent=1))
+    print(f"\nwrote {path}")
+    if update_docs:
+        (DOCS / f"{name}.json").write_text(json.dumps(res, indent=1))
+        replace_block(DOCS / doc, tag, text)
+
+
 def markers(tag: str) -> tuple[str, str]:
     return f"<!-- generated:{tag} begin -->", f"<!-- generated:{tag} end -->"
 

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -31,7 +30,7 @@ from angle_dtype_ppl import nll  # noqa: E402
 from bmoe_runtime import default_model_dir  # noqa: E402
 from bmoe_runtime.runtime.generate import Generator  # noqa: E402
 from bmoe_runtime.runtime.session import ModelSession  # noqa: E402
-from bmoe_runtime.train.checkpoint import content_sha256, load_model  # noqa: E402
+from bmoe_runtime.train.checkpoint import load_model, write_checkpoint  # noqa: E402
 from bmoe_runtime.train.data import load_corpus  # noqa: E402
 from exporters import ExportOptions, export_checkpoint  # noqa: E402
 
@@ -66,9 +65,8 @@ def main() -> None:
         valid = {"loss": loss, "bpc": loss / math.log(2), "ppl": math.exp(loss)}
         ckpt["metrics"] = {**ckpt.get("metrics", {}), "valid": valid, "test": valid,  # no test split: test = valid
                            "steps_done": a.steps_done}
-        ckpt["checksum"] = {"sha256": content_sha256(ckpt)}
         sealed = Path(tmp) / "sealed.pt"
-        torch.save(ckpt, sealed)
+        write_checkpoint(sealed, ckpt)
         export_loss, out = score(sealed, Path(tmp) / "default", OPTIONS, ids, window)
         manifest = json.loads((out / "manifest.json").read_text())
         size = sum(f["bytes"] for f in manifest["files"].values()) + (out / "manifest.json").stat().st_size

@@ -15,7 +15,7 @@ kill $SMI
 python3 - "$RUN_DIR" "$OUT" <<'PY'
 import sys, torch
 from pathlib import Path
-from bmoe_runtime.train.checkpoint import content_sha256
+from bmoe_runtime.train.checkpoint import write_checkpoint
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 done = {}
 for pt in sorted(run_dir.glob("bundled_*.pt")):
@@ -27,8 +27,7 @@ if done:
     best = min(done, key=done.get)
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     ckpt.pop("train_state", None)
-    ckpt["checksum"] = {"sha256": content_sha256(ckpt)}  # it covers the content, which has just changed
-    torch.save(ckpt, run_dir / "bundled_best.pt")
+    write_checkpoint(run_dir / "bundled_best.pt", ckpt)  # a fresh checksum over the stripped content
     data = (run_dir / "bundled_best.pt").read_bytes()
     for i in range(0, len(data), 15 << 20):
         (out / f"{best.stem}.pt.part{i // (15 << 20)}").write_bytes(data[i:i + (15 << 20)])

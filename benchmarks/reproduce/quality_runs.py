@@ -77,12 +77,8 @@ def matrix(data: Path) -> list[Run]:
 def finished(ckpt: Path) -> bool:
     if not ckpt.exists():
         return False
-    import torch
-    try:
-        return "test" in torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("metrics", {})
-    except Exception:  # a checkpoint cut short by a killed writer: start that run again
-        ckpt.unlink()
-        return False
+    import torch  # checkpoints are written atomically: one that exists is whole
+    return "test" in torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("metrics", {})
 
 
 def prepare_tokens(data: Path, cache: Path) -> None:

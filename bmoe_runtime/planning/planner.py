@@ -215,7 +215,7 @@ def native_overhead() -> tuple[int, str]:
                                                      "(benchmarks/native/native_overhead.py, x86-64 host)")
 
 
-def repacked_bytes(manifest: dict, backend: str) -> dict[str, int]:
+def kernel_weight_copies(manifest: dict, backend: str) -> dict[str, int]:
     """Second copies ORT kernels make of constant weights at session creation (see COPIES); for numba, the
     float32 weights its MatMulNBits dequantizes per call (largest node: float32 + uint8 codes, 5 B a weight)."""
     tensors = manifest["tensors"]
@@ -314,7 +314,7 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
     if angle_rest:
         by_kind["angle_scales"] = angle_rest
     resident = sum(by_kind.values())
-    repacked = repacked_bytes(manifest, backend)
+    kernel_copies = kernel_weight_copies(manifest, backend)
 
     kv = 2 * cfg["n_layers"] * settings.batch * context * cfg["d_model"] * F32
     act = activation_bytes(cfg, backend, prefill, context, settings.batch)
@@ -327,7 +327,7 @@ def make_plan(manifest: dict, device: Device, settings: Settings, budget_bytes: 
         comp |= {f"weights: {kind}": b for kind, b in sorted(by_kind.items(), key=lambda kb: -kb[1])}
         if copies > 1:
             comp["weights: second copy (protobuf + numpy)"] = (copies - 1) * resident
-        comp |= {f"weights: {what}": b for what, b in repacked.items()}
+        comp |= {f"weights: {what}": b for what, b in kernel_copies.items()}
         if streamed:  # raw angles are never loaded; the cache holds c experts' cos/sin tables a layer
             comp[f"angle cache: {c}/{n_exp} experts × {len(layers)} layers (cos/sin)"] = c * stream_table_bytes
         else:

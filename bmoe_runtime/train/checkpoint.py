@@ -32,13 +32,20 @@ FORMAT, VERSION = "bmoe-checkpoint", 1
 def save_checkpoint(path: str | Path, model: MoELM, tokenizer: Tokenizer, metrics: dict,
                     train_state: dict | None = None) -> None:
     """Write atomically: a crash mid-save never leaves a truncated model.pt."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "tokenizer": tokenizer.to_dict(), "metrics": metrics}
     if train_state is not None:
         ckpt["train_state"] = train_state
+    write_checkpoint(path, ckpt)
+
+
+def write_checkpoint(path: str | Path, ckpt: dict) -> None:
+    """Write a checkpoint's content atomically under a fresh checksum (also after editing a read one: dropping
+    its training state, adding metrics)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {k: v for k, v in ckpt.items() if k != "checksum"}
     ckpt["checksum"] = {"sha256": content_sha256(ckpt)}
     with staged_file(path, legacy=(f"{glob.escape(path.name)}.*.tmp",)) as tmp:  # .tmp: before staging.py
         torch.save(ckpt, tmp)

@@ -83,18 +83,8 @@ void decode_panel(const uint8_t* W, size_t Kb, size_t nr, size_t k0, size_t kc, 
                                           _mm512_set1_epi32(static_cast<int>(Kb)));
   for (size_t h = 0; h < 2; ++h) {
     const size_t n0 = 16 * h, cnt = nr > n0 ? std::min<size_t>(16, nr - n0) : 0;
-    const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1);
     for (size_t g = 0; g < kc / 16; ++g) {
-      const size_t off = (k0 + 16 * g) / 4;  // byte offset of the 16 trits in each row
-      __m512i x = _mm512_setzero_si512();
-      if (cnt == 0 || off >= Kb) {
-      } else if (off + 4 <= Kb) {
-        x = _mm512_mask_i32gather_epi32(x, live, rows, W + n0 * Kb + off, 1);
-      } else {  // the row's last partial dword: zero-filled
-        alignas(64) uint32_t d[16] = {};
-        for (size_t r = 0; r < cnt; ++r) std::memcpy(&d[r], W + (n0 + r) * Kb + off, Kb - off);
-        x = _mm512_load_si512(d);
-      }
+      const __m512i x = gather_row_dwords(W, Kb, rows, n0, cnt, (k0 + 16 * g) / 4);  // the 16 trits in each row
       bad = _mm512_ternarylogic_epi32(bad, x, _mm512_srli_epi32(x, 1), 0xF8);
       float* t = tile + 16 * g * kNr + n0;
 #define BMOE_DECODE(i) _mm512_store_ps(t + (i) * kNr, _mm512_permutexvar_ps(_mm512_srli_epi32(x, 2 * (i)), lut));

@@ -3,6 +3,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cstring>
 #include <type_traits>
 
 #include "ternary.h"
@@ -24,6 +25,18 @@ inline __m512i decode_u8(__m512i x, int s) {
   const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0));
   const __m512i codes = _mm512_and_si512(_mm512_srl_epi16(x, _mm_cvtsi32_si128(2 * s)), _mm512_set1_epi8(3));
   return _mm512_shuffle_epi8(lut, codes);
+}
+
+// Lane r: bytes [off, off + 4) of row n0 + r of W (rows of Kb bytes; `rows` = r·Kb), for the cnt ≤ 16 live lanes;
+// other lanes and bytes past a row's end are 0 (code 00).
+inline __m512i gather_row_dwords(const uint8_t* W, size_t Kb, __m512i rows, size_t n0, size_t cnt, size_t off) {
+  if (cnt == 0 || off >= Kb) return _mm512_setzero_si512();
+  if (off + 4 <= Kb)
+    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), static_cast<__mmask16>((1u << cnt) - 1), rows,
+                                       W + n0 * Kb + off, 1);
+  alignas(64) uint32_t part[16] = {};  // the row's last partial dword: zero-filled
+  for (size_t r = 0; r < cnt; ++r) std::memcpy(&part[r], W + (n0 + r) * Kb + off, Kb - off);
+  return _mm512_load_si512(part);
 }
 
 }  // namespace

@@ -53,19 +53,10 @@ void decode_panel(const uint8_t* W, size_t Kb, size_t nr, size_t k0, size_t kc, 
                                           _mm512_set1_epi32(static_cast<int>(Kb)));
   for (size_t h = 0; h < 2; ++h) {
     const size_t n0 = 16 * h, cnt = nr > n0 ? std::min<size_t>(16, nr - n0) : 0;
-    const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1);
     for (size_t c = 0; c < kc / kQChunk; ++c)
       for (size_t d = 0; d < 16; ++d) {
-        const size_t off = k0 / 4 + 64 * c + 4 * d;  // byte offset of the dword in each row
-        __m512i x = _mm512_setzero_si512();           // past a row's end: code 00, met by Q = 0
-        if (cnt == 0 || off >= Kb) {
-        } else if (off + 4 <= Kb) {
-          x = _mm512_mask_i32gather_epi32(x, live, rows, W + n0 * Kb + off, 1);
-        } else {  // the row's last partial dword: zero-filled
-          alignas(64) uint32_t part[16] = {};
-          for (size_t r = 0; r < cnt; ++r) std::memcpy(&part[r], W + (n0 + r) * Kb + off, Kb - off);
-          x = _mm512_load_si512(part);
-        }
+        // the dword at byte 4d of chunk c in each row; past a row's end: code 00, met by Q = 0
+        const __m512i x = gather_row_dwords(W, Kb, rows, n0, cnt, k0 / 4 + 64 * c + 4 * d);
         bad = _mm512_ternarylogic_epi32(bad, x, _mm512_srli_epi32(x, 1), 0xF8);
         for (size_t s = 0; s < 4; ++s)
           tile[(64 * c + 16 * s + d) * 2 + h] =
