@@ -1,9 +1,6 @@
 #include "ort_glue.h"
 
-#include <sched.h>
-
 #include <cstdio>
-#include <thread>
 #include <limits>
 #include <memory>
 
@@ -174,18 +171,6 @@ size_t checked_mul(size_t a, size_t b, const char* what) {
 size_t checked_add(size_t a, size_t b, const char* what) {
   if (a > std::numeric_limits<size_t>::max() - b) throw OpError(std::string(what) + " is too large");
   return a + b;
-}
-
-size_t usable_cpus() {
-  static const size_t n = [] {
-#if defined(__linux__)
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return static_cast<size_t>(CPU_COUNT(&set));
-#endif
-    const unsigned h = std::thread::hardware_concurrency();
-    return h ? static_cast<size_t>(h) : size_t{1};
-  }();
-  return n;
 }
 
 Tensor constant_input(const OrtApi* api, const OrtKernelInfo* info, size_t index) {

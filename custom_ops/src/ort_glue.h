@@ -74,15 +74,17 @@ void parallel_for(const OrtApi* api, OrtKernelContext* ctx, size_t n, Task& task
   check_ort(api, api->KernelContext_ParallelFor(ctx, tramp, n, 0, &task));
 }
 
-// CPUs this process may run on (sched affinity; at least 1), read once.
-size_t usable_cpus();
+// More tasks than any device has cores. The custom-op API does not tell the pool's size, and guessing it (e.g. from
+// this thread's CPU affinity, which a caller may change between sessions) once left an 8-thread pool running one
+// task. ORT hands tasks to its threads dynamically, so a surplus task costs only a failed claim.
+inline constexpr size_t kMaxParallelTasks = 64;
 
-// Runs first(i) for every i in [0, n1), then then(i) for every i in [0, n2), on ORT's intra-op pool with one task
-// per pool thread: at most min(max(n1, n2), usable_cpus()) tasks, each claiming the next unclaimed item until none
-// is left, and waiting (yielding) until every first item is done before claiming a `then` item. No task waits for
-// an item that is not being run (an item is claimed by a running task), so this cannot deadlock. Items are meant
-// to be contiguous slabs (one sequential stream each); claiming balances them without knowing the pool's size,
-// which the custom-op API does not tell. Neither body may throw.
+// Runs first(i) for every i in [0, n1), then then(i) for every i in [0, n2), on ORT's intra-op pool with
+// min(max(n1, n2), kMaxParallelTasks) tasks, each claiming the next unclaimed item until none is left, and waiting
+// (yielding) until every first item is done before claiming a `then` item. No task waits for an item that is not
+// being run (an item is claimed by a running task), so this cannot deadlock. Items are meant to be contiguous
+// slabs (one sequential stream each); claiming balances them over however many threads the pool has.
+// Neither body may throw.
 template <class First, class Then>
 void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n1, First& first, size_t n2, Then& then) {
   std::atomic<size_t> next1{0}, done1{0}, next2{0};
@@ -94,7 +96,7 @@ void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n1, First& 
     while (done1.load(std::memory_order_acquire) < n1) std::this_thread::yield();
     for (size_t i; (i = next2.fetch_add(1, std::memory_order_relaxed)) < n2;) then(i);
   };
-  const size_t n = n1 > n2 ? n1 : n2, tasks = n < usable_cpus() ? n : usable_cpus();
+  const size_t n = n1 > n2 ? n1 : n2, tasks = n < kMaxParallelTasks ? n : kMaxParallelTasks;
   if (tasks <= 1) return task(0);
   auto tramp = [](void* p, size_t i) { (*static_cast<decltype(task)*>(p))(i); };
   check_ort(api, api->KernelContext_ParallelFor(ctx, tramp, tasks, 0, &task));
