@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU check of the trainer's speed options (issue 13): --cuda-graphs and --compile. One H200, about 4 minutes.
+# GPU check of the trainer's speed options (issue 13): --cuda-graphs and --compile. One H200, about 5 minutes.
 #
 #   PYTHONPATH=$PWD bash benchmarks/gpu_check_training.sh      # from the repository root, $OUT set
 #
 # Needs .data/tinyshakespeare/input.txt (a copy of ../shared/data; .data/ is git-ignored and carried along).
-# Parts, each with a deadline so the whole stays within $BUDGET seconds (default 225):
+# Parts, each with a deadline so the whole stays within $BUDGET seconds (default 300):
 #   1. at the same time (correctness only, nothing timed): the GPU tests of the new path; the resume runs
 #      (bmoe-train stopped with --stop-at and resumed, against uninterrupted runs, eager and graphed, and
 #      checkpoints of one mode resumed in the other; a control resumed with another router-noise RNG state);
@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 PY=${PY:-python}
 DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-$PWD/.data}
-BUDGET=${BUDGET:-225}
+BUDGET=${BUDGET:-300}
 MODES=${MODES:-eager graphed}
 RESUME_ARGS=${RESUME_ARGS:---preset paper --tokenizer byte --steps 60 --eval-every 30 --log-every 1}
 STOP=${STOP:-30}

@@ -73,6 +73,11 @@ def _cap_threads(threads: int | None) -> int | None:
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True, max=10))
 @click.option("--eval-every", type=click.IntRange(1, 10**9))
 @click.option("--log-every", type=click.IntRange(1, 10**9), help="Steps between train-loss curve entries [default: 10].")
+@click.option("--eval-tokens", type=click.IntRange(0, 2**40), help="Valid tokens per periodic evaluation, 0 = the "
+              "whole split (preset's by default; the final evaluation always reads the whole split).")
+@click.option("--keep-best", is_flag=True, default=None, help="Also write OUT's stem + .best.pt: the weights at the "
+              "lowest valid loss evaluated (periodic and final evaluations; with --eval-tokens 0 all on the whole "
+              "split).")
 @click.option("--per-tensor-scale", is_flag=True, help="One ternary scale per matrix instead of per row.")
 @click.option("--ternary", "ternary_parts", type=click.Choice(["attn", "proj"]), multiple=True,
               help="Also train these ternary (QAT, as the experts): attention projections, the paper form's shared "
@@ -92,7 +97,7 @@ def _cap_threads(threads: int | None) -> int | None:
               "[default: off].")
 @user_errors
 def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, heads, dropout, steps, batch, seq, lr,
-              eval_every, log_every, per_tensor_scale, ternary_parts, tokenizer, bpe_vocab, device, seed, resume,
+              eval_every, log_every, eval_tokens, keep_best, per_tensor_scale, ternary_parts, tokenizer, bpe_vocab, device, seed, resume,
               cache_dir, stop_at, cuda_graphs, compiled):
     """Train a ButterflyMoE language model (or a baseline) on a text corpus.
 
@@ -107,7 +112,7 @@ def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, 
     for part in ternary_parts:
         model[f"ternary_{part}"] = True
     run = {"steps": steps, "batch": batch, "seq": seq, "lr": lr, "eval_every": eval_every, "log_every": log_every,
-           "seed": seed}
+           "eval_tokens": eval_tokens, "keep_best": keep_best, "seed": seed}
     try:
         train(data, out, preset, {k: v for k, v in model.items() if v is not None},
               {k: v for k, v in run.items() if v is not None}, tokenizer, bpe_vocab, device, resume, log=click.echo,

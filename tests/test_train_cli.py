@@ -248,3 +248,29 @@ def test_bpe_tokenizer_run(tmp_path, shakespeare_slice):
     assert tok.decode(ids) == sample
     hist = ckpt["metrics"]["history"]
     assert hist[-1]["valid"]["loss"] < hist[0]["valid"]["loss"]
+
+
+def test_keep_best_writes_the_weights_of_the_lowest_valid_loss(tmp_path, shakespeare_slice):
+    out = tmp_path / "m.pt"
+    # a learning rate that diverges by step 30 (valid loss 11.0, 9.6, 22.9): the best weights are step 20's
+    args = ["--data", str(shakespeare_slice), "--steps", "30", "--eval-every", "10", "--lr", "3", *TINY_ARGS]
+    result = CliRunner().invoke(train_cli, [*args, "--out", str(out), "--keep-best", "--eval-tokens", "0"])
+    assert result.exit_code == 0, result.output
+    hist = read_checkpoint(out)["metrics"]["history"]
+    losses = {h["step"]: h["valid"]["loss"] for h in hist[1:]}  # 10, 20, 30: each on the whole split
+    best = read_checkpoint(train_mod.best_path(out))
+    assert out.with_name("m.best.pt") == train_mod.best_path(out)
+    assert best["metrics"]["best"]["step"] == min(losses, key=losses.get) < 30
+    assert best["metrics"]["best"]["valid"]["loss"] == min(losses.values())
+    assert "train_state" not in best
+    # an independent account of those weights: the same (deterministic) run stopped at that step
+    step = best["metrics"]["best"]["step"]
+    again = tmp_path / "again.pt"
+    if step < 30:
+        stop = CliRunner().invoke(train_cli, [*args, "--out", str(again), "--stop-at", str(step)])
+        assert stop.exit_code == 0, stop.output
+    reference = read_checkpoint(again if step < 30 else out)["state_dict"]
+    assert best["state_dict"].keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(best["state_dict"][k], reference[k]), k
+    assert "best valid loss" in result.output

@@ -2,7 +2,7 @@
 # One machine call of issue 15's quality runs, from the repo root on the GPU machine (the device tool sets $OUT and
 # carries .data/ = copies of ../shared/data). Run it again while the machine is warm: finished runs are skipped,
 # stopped ones resume. Back in $OUT: runner.log, results_raw.json, logs.tgz (with smi.log: GPU use every 10 s),
-# and the best finished bundled-model candidate without its optimizer state, in 15 MB parts (cat them together).
+# and the bundled-model candidate with the lowest kept valid loss (its .best.pt), in 15 MB parts (cat them together).
 set -u
 RUN_DIR=/tmp/bmoe_runs
 mkdir -p "$RUN_DIR"
@@ -15,22 +15,18 @@ kill $SMI
 python3 - "$RUN_DIR" "$OUT" <<'PY'
 import sys, torch
 from pathlib import Path
-from bmoe_runtime.train.checkpoint import write_checkpoint
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
-done = {}
-for pt in sorted(run_dir.glob("bundled_*.pt")):
-    m = torch.load(pt, map_location="cpu", weights_only=True, mmap=True).get("metrics", {})
-    if "test" in m:
-        done[pt] = m["valid"]["loss"]
-        print(f"{pt.name}: valid loss {m['valid']['loss']:.4f} nats/char, {m['valid']['bpc']:.3f} bpc")
+done = {}  # each candidate's kept best weights (--keep-best; whole-split valid loss), finished or not
+for pt in sorted(run_dir.glob("bundled_*.best.pt")):
+    best = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)["metrics"]["best"]
+    done[pt] = best["valid"]["loss"]
+    print(f"{pt.name}: step {best['step']}, valid loss {best['valid']['loss']:.4f} nats/char, "
+          f"{best['valid']['bpc']:.3f} bpc")
 if done:
     best = min(done, key=done.get)
-    ckpt = torch.load(best, map_location="cpu", weights_only=True)
-    ckpt.pop("train_state", None)
-    write_checkpoint(run_dir / "bundled_best.pt", ckpt)  # a fresh checksum over the stripped content
-    data = (run_dir / "bundled_best.pt").read_bytes()
+    data = best.read_bytes()  # already without training state; the checksum is its own
     for i in range(0, len(data), 15 << 20):
-        (out / f"{best.stem}.pt.part{i // (15 << 20)}").write_bytes(data[i:i + (15 << 20)])
+        (out / f"{best.name}.part{i // (15 << 20)}").write_bytes(data[i:i + (15 << 20)])
     print(f"best: {best.name}, {len(data) / 2**20:.1f} MiB in parts")
 PY
 ls -la "$OUT"

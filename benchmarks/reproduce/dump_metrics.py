@@ -27,6 +27,8 @@ def _read(p: Path) -> str | None:
 def collect(run_dir: Path) -> dict:
     runs = {}
     for pt in sorted(run_dir.glob("*.pt")):
+        if pt.name.endswith(".best.pt"):  # --keep-best weights: reported with their run, below
+            continue
         name = pt.stem
         ckpt = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
         cfg = ModelConfig.from_dict(ckpt["config"])
@@ -41,6 +43,9 @@ def collect(run_dir: Path) -> dict:
             "wall_seconds": int(end) - int(start) if start and end else None,
             "memory_bytes": {**mem, "expert": expert_bytes(mem)},
         }
+        best = run_dir / f"{name}.best.pt"
+        if best.exists():  # the step and valid metrics of the weights --keep-best kept
+            runs[name]["best"] = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["metrics"]["best"]
     extra = {"gpu": _read(run_dir / "gpu.txt")}
     cmds = run_dir / "commands.txt"
     return {"runs": runs, "commands": cmds.read_text().splitlines() if cmds.exists() else [], **extra}

@@ -43,6 +43,7 @@ class TrainConfig:
     eval_tokens: int = 32768  # per evaluation (None-like 0 = the whole split)
     seed: int = 0
     log_every: int = 10  # steps between entries of the train-loss curve (the mean over ranks)
+    keep_best: bool = False  # also write best_path(out): the weights at the lowest valid loss evaluated so far
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "seq", "eval_every", "log_every"):  # 0 would divide by zero or train on nothing
@@ -179,6 +180,12 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
+def best_path(out: str | Path) -> Path:
+    """Where --keep-best writes the best weights seen: model.pt → model.best.pt."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.best{out.suffix}")
+
+
 def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = None, train_overrides: dict | None = None,
           tokenizer: str = "byte", bpe_vocab: int = 4096, device: str = "cpu", resume: bool = False,
           log=print, cache_dir: str | None = None, stop_at: int | None = None, cuda_graphs: bool | None = None,
@@ -288,6 +295,16 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         nll = evaluate(model, splits[split], tc.seq, max_tokens, device)
         return text_metrics(nll, splits[split]) if not max_tokens else {"loss": nll, "ppl": math.exp(nll)}
 
+    # the lowest valid loss so far (a resumed run's history holds the evaluations behind its best file)
+    best = min((h["valid"]["loss"] for h in history[1:]), default=math.inf)
+
+    def keep_if_best(entry: dict) -> None:
+        """--keep-best: the weights of a new lowest valid loss (never the untrained step 0) to best_path(out)."""
+        nonlocal best
+        if tc.keep_best and entry["step"] > 0 and entry["valid"]["loss"] < best:
+            best = entry["valid"]["loss"]
+            save_checkpoint(best_path(out), model, tok, {"best": entry, "eval_tokens": tc.eval_tokens})
+
     if step == 0 and ranks.main:
         history.append({"step": 0, "valid": run_eval("valid", tc.eval_tokens)})
         log(f"step 0: valid loss {history[-1]['valid']['loss']:.4f}")
@@ -319,6 +336,7 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
                 t_eval = _now(device)
                 history.append({"step": step, "train_loss": ce_v, "valid": run_eval("valid", tc.eval_tokens)})
                 bar.write(f"step {step}: valid loss {history[-1]['valid']['loss']:.4f}")
+                keep_if_best(history[-1])
                 checkpoint({"history": history}, rngs)
                 eval_seconds += _now(device) - t_eval
         # one rank alone may have been signalled: the ranks agree at logged steps (a collective there anyway)
@@ -342,6 +360,7 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
     if ranks.main:
         final = {"valid": run_eval("valid", 0), "test": run_eval("test", 0)}
         history.append({"step": step, **final})
+        keep_if_best(history[-1])
         metrics = {**final, "history": history, "train_curve": curve, "train_tokens": step * tc.batch * tc.seq,
                    "train_seconds": elapsed, "params": n_params, "corpus": shards.meta["corpus"]["name"],
                    "tokenizer": tok.to_dict()["kind"], "preset": preset, "train_config": asdict(tc),
@@ -355,6 +374,8 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
         log(f"done: valid loss {final['valid']['loss']:.4f} (ppl {final['valid']['ppl']:.2f}, "
             f"bpc {final['valid']['bpc']:.3f}), test loss {final['test']['loss']:.4f}; {elapsed:.0f}s{speed}; "
             f"wrote {out}")
+        if tc.keep_best:
+            log(f"best valid loss {best:.4f} kept in {best_path(out)}")
     barrier(ranks)  # the other ranks leave once rank 0 has written the checkpoint
     return metrics
 
