@@ -92,7 +92,8 @@ def _cap_threads(threads: int | None) -> int | None:
 @click.option("--stop-at", type=click.IntRange(1, 10**9), help="Stop after this step's checkpoint, as if interrupted "
               "(--resume continues).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="Run the training step as one CUDA graph, captured "
-              "once and replayed (--device cuda, one rank; under torchrun the step stays eager) [default: off].")
+              "once and replayed (--device cuda, one rank; under torchrun the step stays eager) [default: on with --device cuda, "
+              "where the step can be captured].")
 @click.option("--compile/--no-compile", "compiled", default=None, help="torch.compile the model's loss (--device cuda) "
               "[default: off].")
 @user_errors

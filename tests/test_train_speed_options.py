@@ -17,6 +17,7 @@ from click.testing import CliRunner
 import bmoe_runtime.train.trainer as trainer
 from bmoe_runtime.cli import train_cli
 from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.nn.moe import waits_on_host
 from bmoe_runtime.train.checkpoint import read_checkpoint
 from bmoe_runtime.train.step import GraphedStep, eager_step, portable_optimizer_state, unchanged_by
 from bmoe_runtime.train.trainer import TrainConfig, make_optimizer, step_options, train
@@ -85,7 +86,8 @@ def test_step_options(monkeypatch):
     assert step_options(None, None, "cpu", 1, notes.append) == (False, False)
     assert step_options(False, False, "cpu", 1, notes.append) == (False, False)
     assert step_options(True, None, "cuda", 1, notes.append) == (True, False)
-    assert step_options(None, True, "cuda", 1, notes.append) == (False, True)
+    assert step_options(None, True, "cuda", 1, notes.append) == (trainer.CUDA_GRAPHS_BY_DEFAULT, True)
+    assert step_options(False, True, "cuda", 1, notes.append) == (False, True)
     assert step_options(True, True, "cuda", 2, notes.append) == (False, True)  # DDP: eager, said once
     assert notes == ["--cuda-graphs: a CUDA graph step runs on one rank only; on 2 ranks the step runs eagerly"]
     monkeypatch.setattr(trainer, "CUDA_GRAPHS_BY_DEFAULT", True)
@@ -230,3 +232,13 @@ def test_compiled_graphed_step_follows_the_eager_step():
     _, _, ce_e, _ = run_eager(cfg, data)
     _, ce_c, _ = run_graphed(cfg, data, compiled=True)
     assert max(abs(a - b) for a, b in zip(ce_e, ce_c)) < 3e-2, (ce_e, ce_c)
+
+
+@pytest.mark.parametrize("variant, d_ff, waits", [("dense", 106, True), ("ternary", 211, True), ("dense", 64, False),
+                                                  ("butterfly", 106, False), ("static", 106, False)])
+def test_waits_on_host(variant, d_ff, waits):
+    """The default CUDA graph steps aside exactly where the step syncs with the host: independent experts (dense,
+    ternary) whose d_ff (or d_model) grouped_mm cannot take; butterfly experts never loop per expert."""
+    model = MoELM(ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, d_ff=d_ff, n_experts=4, top_k=2,
+                              max_seq=16, variant=variant))
+    assert waits_on_host(model) is waits

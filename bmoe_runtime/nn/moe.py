@@ -95,10 +95,20 @@ class IndependentExperts(nn.Module):
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # public from torch 2.10
 
 
+def _aligned(d_in: int, d_out: int) -> bool:
+    return d_in % 8 == 0 and d_out % 8 == 0  # grouped_mm's bf16 rows must be 16-byte aligned
+
+
 def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """grouped_mm runs bf16 on CUDA with 16-byte aligned rows; elsewhere the per-expert loop (a host sync) runs."""
     return (x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
-            and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0)
+            and _aligned(w.shape[-1], w.shape[-2]))
+
+
+def waits_on_host(model: nn.Module) -> bool:
+    """Whether a CUDA training step of `model` synchronises with the host (independent experts whose shapes
+    grouped_mm cannot take run the per-expert loop): such a step cannot be captured as a CUDA graph."""
+    return any(isinstance(m, IndependentExperts) and not _aligned(m.d_in, m.d_out) for m in model.modules())
 
 
 def _grouped_experts(x: torch.Tensor, w: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from bmoe_runtime.choices import PRESET_NAMES
 from bmoe_runtime.errors import BmoeError, one_line
 from bmoe_runtime.format.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from bmoe_runtime.nn.model import ModelConfig, MoELM
+from bmoe_runtime.nn.moe import waits_on_host
 from bmoe_runtime.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from bmoe_runtime.train.data import CorpusSource, require_windows, scan_corpus, step_starts
 from bmoe_runtime.train.distributed import (Ranks, any_rank, barrier, gather, mean, ranks_from_env, share, start,
@@ -68,9 +69,10 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 
 assert tuple(PRESETS) == PRESET_NAMES
 
-# What a CUDA run does when neither --[no-]cuda-graphs nor --[no-]compile is given. Off until GPU measurements
-# (benchmarks/gpu_check_training.sh) show a gain at every measured shape; see docs/training.md.
-CUDA_GRAPHS_BY_DEFAULT = False
+# What a CUDA run does when neither --[no-]cuda-graphs nor --[no-]compile is given, as decided by the GPU check
+# (benchmarks/gpu_check_training.sh; docs/training.md, "Speed options"): graphs won at every shape (1.09-3.2x),
+# compile was not measured warm and stays off.
+CUDA_GRAPHS_BY_DEFAULT = True
 COMPILE_BY_DEFAULT = False
 
 
@@ -195,7 +197,7 @@ def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = No
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every rank trains its share of each global batch with
     DistributedDataParallel; rank 0 alone tokenizes, evaluates, logs and writes checkpoints. `stop_at`: stop
     after that step's checkpoint, as if interrupted there (a job slot ends; a resume test). `cuda_graphs`,
-    `compiled`: run the step as a CUDA graph (one rank) / through torch.compile; None = the default (off). Neither
+    `compiled`: run the step as a CUDA graph (one rank) / through torch.compile; None = the default (graph on CUDA, no compile). Neither
     is saved: a run may resume with either changed.
     """
     if preset not in PRESETS:
@@ -228,14 +230,14 @@ def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = No
     try:
         with stop_requests() as asked:
             return _train(data, out, preset, m_over, overrides, tc, ckpt, tokenizer, bpe_vocab, device, ranks, say,
-                          cache_dir, stop_at, asked, graphed, compiled)
+                          cache_dir, stop_at, asked, graphed, compiled, graphed and cuda_graphs is None)
     finally:
         stop(ranks)
 
 
 def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | None, tokenizer: str, bpe_vocab: int,
            device: str, ranks: Ranks, log, cache_dir, stop_at: int | None, asked: threading.Event, graphed: bool,
-           compiled: bool) -> dict:
+           compiled: bool, graphed_by_default: bool) -> dict:
     state = ckpt["train_state"] if ckpt else None
     if ranks.main:  # tokenize once (or find the cached shards); the other ranks map the same files
         source = scan_corpus(data)
@@ -279,6 +281,10 @@ def _train(data, out, preset, m_over, overrides, tc: TrainConfig, ckpt: dict | N
     if ranks.world > 1:
         net = DistributedDataParallel(net, device_ids=[ranks.local] if device.startswith("cuda") else None,
                                       gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets
+    if graphed_by_default and waits_on_host(model):  # asked for explicitly, the capture fails with its reason
+        log("the step synchronises with the host (independent experts with d_model or d_ff not a multiple of 8): it "
+            "runs eagerly, not as the default CUDA graph")
+        graphed = False
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.variant}/{cfg.expert_form} N={cfg.n_experts} d={cfg.d_model} d_ff={cfg.d_ff} L={cfg.n_layers}: "
         f"{n_params / 1e6:.2f}M params; {len(splits['train']):,} train tokens ({tok.to_dict()['kind']})"
