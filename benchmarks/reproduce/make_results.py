@@ -10,8 +10,9 @@ has no final metrics). Mean ± sample standard deviation (n − 1), and every se
 A difference between two configs counts as larger than the seed spread when both hold:
   * the per-seed values do not overlap (every seed of one is below every seed of the other), and
   * |Δ mean| > 2 × the pooled standard deviation of the two configs' seeds.
-With two seeds a side this is weak evidence (a standard deviation from two values is itself very uncertain);
-with one seed on a side only the other side's spread enters, and with one seed on each side no verdict is given.
+With two or three seeds a side this is modest evidence (a standard deviation from so few values is itself very
+uncertain); with one seed on a side only the other side's spread enters, and with one seed on each side no verdict
+is given.
 
 Expert memory is bmoe_runtime.nn.memory.model_memory's count (1.58-bit trits + fp32 row scales, fp16 angles,
 dense experts fp32), summed over the layers; the column for sizes measured from exported files comes from
@@ -159,10 +160,20 @@ def measured_from_files(c: dict) -> str:
     return f"{fp32 / MIB:.3f} MiB{' (fp32 table)' if c['variant'] == 'ternary' else ''}"
 
 
+def step_mode(run: Run) -> str:
+    # metrics.cuda_graphs is absent from runs trained before the option existed: those steps were eager
+    return "CUDA graph" if run["metrics"].get("cuda_graphs") else "eager"
+
+
 def device(data: dict, seeds: Seeds) -> str:
-    gpu = data["gpu"].splitlines()[0].split(",")[0]
-    calls = sorted({c for r in complete(seeds).values() for c in r["calls"]})
-    return f"1 {gpu.removeprefix('NVIDIA ')} (shared), call{'s' if len(calls) > 1 else ''} {'+'.join(map(str, calls))}"
+    """The GPU, then per group of seeds the calls ("SESSION.CALL") that trained them and their step mode."""
+    gpus = {s["session"]: s["gpu"].splitlines()[0].split(",")[0].removeprefix("NVIDIA ") for s in data["sessions"]}
+    by_calls: dict[tuple[str, str], list[str]] = {}
+    for seed, r in complete(seeds).items():
+        by_calls.setdefault(("+".join(r["calls"]), step_mode(r)), []).append(f"s{seed}")
+    used = {gpus[int(c.split(".")[0])] for r in complete(seeds).values() for c in r["calls"]}
+    return f"1 {'/'.join(sorted(used))} (shared); " + "; ".join(
+        f"{', '.join(s)}: call{'s' if '+' in calls else ''} {calls}, {mode}" for (calls, mode), s in by_calls.items())
 
 
 def pct(a: float, b: float) -> str:
@@ -194,6 +205,8 @@ def main_table(data: dict, groups: dict[str, Seeds]) -> list[str]:
 
 
 def unfinished_table(groups: dict[str, Seeds]) -> list[str]:
+    if all(r["complete"] for g in groups.values() for r in g.values()):
+        return ["None: every seed of every run above reached its last step."]
     out = ["| run | seed | status | steps done | valid ppl at its last evaluation |", "|---|---|---|---|---|"]
     for k in wt_configs(groups) + sorted(k for k in groups if k.startswith("ts_")):
         for seed, r in groups[k].items():
@@ -248,6 +261,15 @@ def comparisons(groups: dict[str, Seeds]) -> list[str]:
             if have(f"wt_{other}_n{n}"):
                 out += [r.replace(f"| {n} |", f"| {n} (vs {LABEL[other]}) |", 1)
                         for r in pair_rows(groups, f"wt_{other}_n{n}", f"wt_ternary_n{n}", str(n))]
+    fnn = [f"wt_densefnn_ff{ff}" for ff in (106, 211) if have(f"wt_densefnn_ff{ff}")]
+    if fnn:
+        out += ["", "### Dense FFNs (no MoE) at ButterflyMoE N=8's expert memory", "",
+                "| dense FFN vs ButterflyMoE | metric | ButterflyMoE | dense FFN | Δ mean (dense FFN vs "
+                "ButterflyMoE) | larger than the seed spread? |", "|---|---|---|---|---|---|"]
+        for k in fnn:
+            for n in (8, 64):
+                if have(f"wt_butterfly_n{n}"):
+                    out += pair_rows(groups, f"wt_butterfly_n{n}", k, f"d_ff {config_of(groups[k])['d_ff']} vs N={n}")
     qat = "wt_butterfly_n64_ternary_attn_proj"
     if have(qat) and have("wt_butterfly_n64"):
         out += ["", "### The whole model compressed: ternary attention and shared projection (QAT), N=64", "",
@@ -325,10 +347,11 @@ def tables(data: dict) -> str:
            "ternary (their exported sizes: docs/memory.md).", "",
            *comparisons(groups), "",
            f"Rule for *larger than the seed spread*: the per-seed values do not overlap **and** |Δ mean| > 2 × the "
-           f"pooled standard deviation. With n = 2 a side that is weak evidence; with one seed on a side only the "
-           f"other side's spread counts; *best valid ppl along training* is the lowest of the evaluations every "
-           f"1000 steps and at the end, chosen on the validation split itself (an early-stopping number: optimistic, "
-           f"and no test ppl exists for it).", "",
+           f"pooled standard deviation. With n = 2 or 3 a side that is modest evidence (a standard deviation from "
+           f"so few seeds is itself uncertain); with one seed on a side only the other side's spread counts; "
+           f"*best valid ppl along training* is the lowest of the evaluations every 1000 steps and at the end, "
+           f"chosen on the validation split itself (an early-stopping number: optimistic, and no test ppl exists "
+           f"for it).", "",
            "### Validation perplexity along training (WikiText-2, full valid split)", "",
            *training_table(groups, wt), "",
            "Each step's cell: mean over the seeds that reached that evaluation (their number in brackets when some "
@@ -350,7 +373,7 @@ def plot(data: dict, path: Path) -> None:
 
     groups = group(data["runs"])
     style = {"dense": ("s", "tab:red"), "ternary": ("^", "tab:orange"), "static": ("x", "tab:gray"),
-             "butterfly": ("o", "tab:blue"), "qat": ("P", "tab:purple")}
+             "butterfly": ("o", "tab:blue"), "qat": ("P", "tab:purple"), "fnn": ("D", "tab:green")}
     metrics = (("test ppl at the end (6000 steps)", "test perplexity", final_test_ppl),
                ("best valid ppl along training (evaluated every 1000 steps)", "best valid perplexity",
                 lambda r: best_valid(r)[0]))
@@ -360,19 +383,20 @@ def plot(data: dict, path: Path) -> None:
         for k in wt_configs(groups):
             seeds, c = groups[k], config_of(groups[k])
             done = complete(seeds)
-            if not done or c["n_experts"] == 1:
+            if not done:
                 continue
-            kind = "qat" if c.get("ternary_attn") else c["variant"]
+            kind = "fnn" if c["n_experts"] == 1 else "qat" if c.get("ternary_attn") else c["variant"]
             mk, col = style[kind]
             x = next(iter(done.values()))["memory_bytes"]["expert"] / MIB * (1.2 if kind == "qat" else 1)
             s = stat(seeds, f)
             ax.scatter([x] * s.n, s.values, marker=mk, color=col, s=22, alpha=0.3, zorder=2)
-            label = None if kind in lines else ("ButterflyMoE + ternary attn & proj (QAT)" if kind == "qat"
-                                                else LABEL[kind])
+            names = {**LABEL, "qat": "ButterflyMoE + ternary attn & proj (QAT)",
+                     "fnn": "dense FFN, no MoE (its up matrix counted)"}
+            label = None if kind in lines else names[kind]
             ax.errorbar(x, s.mean, yerr=s.std or 0, fmt=mk, color=col, ms=8, capsize=4, zorder=3, label=label)
-            ax.annotate(f"N={c['n_experts']}" + (" (1 seed)" if s.n == 1 else ""), (x, s.mean),
-                        textcoords="offset points", xytext=(7, -12 if kind in ("butterfly", "qat") else 4),
-                        fontsize=8, color=col)
+            text = f"d_ff {c['d_ff']}" if kind == "fnn" else f"N={c['n_experts']}"
+            ax.annotate(text + (" (1 seed)" if s.n == 1 else ""), (x, s.mean), textcoords="offset points",
+                        xytext=(7, -12 if kind in ("butterfly", "qat", "fnn") else 4), fontsize=8, color=col)
             lines.setdefault(kind, []).append((x, s.mean))
         for kind, pts in lines.items():
             if len(pts) > 1:
@@ -383,8 +407,9 @@ def plot(data: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("WikiText-2, d 512, 4 layers, top-2, 24.6M training tokens: mean ± std over complete seeds "
-                 "(faint: each seed; dense FFN and ternary N=64 did not finish)", fontsize=10)
+    seeds = sorted({len(complete(groups[k])) for k in wt_configs(groups) if complete(groups[k])})
+    fig.suptitle("WikiText-2, d 512, 4 layers, 24.6M training tokens: mean ± std over "
+                 f"{'/'.join(map(str, seeds))} complete seeds (faint: each seed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     print(f"wrote {path}")
