@@ -1,8 +1,9 @@
 """Merge one session's device calls (dump_metrics output) into benchmarks/reproduce/results.json (no weights).
 
-results.json as committed (session 2 on top of session 1's file):
+results.json as committed (session 2 on top of session 1's file, the one committed in 5abc4fb; run on its own
+output the command would add a third session):
 
-    S=runs/session3   # this session's calls: call2 = "B", call4 = "C", call5 = the collection call
+    S=runs/session3   # session 2's calls: call2 = 2.1, call4 = 2.2, call5 = 2.3 (the collection call)
     python benchmarks/reproduce/merge_runs.py $S/call5/results_raw.json \
         --call $S/call2/results_raw.json --call $S/call4/results_raw.json --call $S/call5/results_raw.json \
         --previous benchmarks/reproduce/results.json
@@ -15,8 +16,9 @@ reached is recorded as not started.
 
 --previous keeps an earlier results.json: its sessions (a file from before sessions existed becomes session 1,
 its calls 1, 2, 3 become "1.1", "1.2", "1.3") and its complete runs; runs it lists as stopped or not started are
-dropped (their checkpoints stayed on that session's machine, so a later session starts them from scratch) and a
-run this session holds replaces the previous record. Session 1's file was written by this tool's first version
+dropped (their checkpoints stayed on that session's machine, so a later session starts them from scratch); a run
+some call of this session ran replaces the previous record, one it listed but never reached does not. Session 1's
+file was written by this tool's first version
 (`git show 5abc4fb:benchmarks/reproduce/merge_runs.py`).
 
 Training curves keep every 10th logged point (every 100 steps) so the file stays small.
@@ -118,13 +120,15 @@ def main() -> None:
     new_runs, new_commands = merge(final, [json.loads(p.read_text()) for p in a.call], session)
     sessions.append({"session": session, "machine": MACHINE, "gpu": final["gpu"], "steps": STEP_MODE,
                      "calls": [{"call": f"{session}.{i}", **c} for i, c in enumerate(CALLS, 1)]})
-    runs.update(new_runs)
-    commands.update(new_commands)
+    for name, run in new_runs.items():
+        if run["calls"] or name not in runs:  # a run this session listed but never reached keeps its earlier record
+            runs[name] = run
+            commands[name] = new_commands[name]
     data = {"issue": 15, "sessions": sessions, "commands": [commands[k] for k in sorted(runs) if k in commands],
             "runs": dict(sorted(runs.items()))}
     a.out.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"{len(data['runs'])} runs ({len(new_runs)} from session {session}) -> {a.out} "
-          f"({a.out.stat().st_size / 1e3:.0f} kB)")
+    ran = sum(bool(r["calls"]) for r in new_runs.values())
+    print(f"{len(data['runs'])} runs ({ran} ran in session {session}) -> {a.out} ({a.out.stat().st_size / 1e3:.0f} kB)")
 
 
 if __name__ == "__main__":
