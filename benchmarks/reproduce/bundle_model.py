@@ -1,7 +1,7 @@
 """Turn a trained checkpoint into the bundled default model (bmoe_runtime/models/default), with its numbers.
 
-    python benchmarks/reproduce/bundle_model.py runs/quality/bundled_l6.pt --steps-done 4843 \
-        --data ../shared/data/tinyshakespeare/input.txt [--update-bundle] [--json runs/quality/bundle.json]
+    python benchmarks/reproduce/bundle_model.py runs/q/bundled_l6_do2.best.pt --steps-done 2750 \
+        --data ../shared/data/tinyshakespeare/input.txt [--update-bundle] [--json docs/bundled_model.json]
 
 1. exports it in fp32 and scores that with ONNX Runtime + the C++ ops on the whole validation split (non-overlapping
    windows of the training context, as benchmarks/compress_quality.py): the checkpoint's own nats/char and bpc;
