@@ -197,8 +197,8 @@ def train(data: str, out: str, preset: str = "tiny", overrides: dict | None = No
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every rank trains its share of each global batch with
     DistributedDataParallel; rank 0 alone tokenizes, evaluates, logs and writes checkpoints. `stop_at`: stop
     after that step's checkpoint, as if interrupted there (a job slot ends; a resume test). `cuda_graphs`,
-    `compiled`: run the step as a CUDA graph (one rank) / through torch.compile; None = the default (graph on CUDA, no compile). Neither
-    is saved: a run may resume with either changed.
+    `compiled`: run the step as a CUDA graph (one rank) / through torch.compile; None = the default (a graph on
+    CUDA where the step can be captured, no compile). Neither is saved: a run may resume with either changed.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
