@@ -92,14 +92,14 @@ def _cap_threads(threads: int | None) -> int | None:
 @click.option("--stop-at", type=click.IntRange(1, 10**9), help="Stop after this step's checkpoint, as if interrupted "
               "(--resume continues).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="Run the training step as one CUDA graph, captured "
-              "once and replayed (--device cuda, one rank; under torchrun the step stays eager) [default: on with --device cuda, "
-              "where the step can be captured].")
+              "once and replayed (--device cuda, one rank; under torchrun the step stays eager) [default: on with "
+              "--device cuda, where the step can be captured].")
 @click.option("--compile/--no-compile", "compiled", default=None, help="torch.compile the model's loss (--device cuda) "
               "[default: off].")
 @user_errors
 def train_cli(data, out, preset, variant, expert_form, experts, top_k, d_model, d_ff, layers, heads, dropout, steps, batch, seq, lr,
-              eval_every, log_every, eval_tokens, keep_best, per_tensor_scale, ternary_parts, tokenizer, bpe_vocab, device, seed, resume,
-              cache_dir, stop_at, cuda_graphs, compiled):
+              eval_every, log_every, eval_tokens, keep_best, per_tensor_scale, ternary_parts, tokenizer, bpe_vocab,
+              device, seed, resume, cache_dir, stop_at, cuda_graphs, compiled):
     """Train a ButterflyMoE language model (or a baseline) on a text corpus.
 
     Data-parallel on G GPUs: torchrun --nproc_per_node G -m bmoe_runtime.cli train --device cuda ...
