@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from bmoe_runtime.errors import CheckpointError
 from bmoe_runtime.format.tokenizer import Tokenizer, tokenizer_from_dict
 from bmoe_runtime.nn.butterfly import ButterflyRotation, active_pairs
 from bmoe_runtime.nn.model import ModelConfig, MoELM
-from bmoe_runtime.train.checkpoint import read_checkpoint
+from bmoe_runtime.train.checkpoint import MISMATCH_ERRORS, mismatch, read_checkpoint
 
 
 def load_mapped(path: str | Path) -> tuple[MoELM, Tokenizer, dict]:
@@ -30,9 +29,8 @@ def load_mapped(path: str | Path) -> tuple[MoELM, Tokenizer, dict]:
         _match_dtypes(model, ckpt["state_dict"])
         model.load_state_dict(ckpt["state_dict"], assign=True)  # strict: every parameter from the file
         tok = tokenizer_from_dict(ckpt["tokenizer"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        text = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{path} does not match this bmoe's model: {type(exc).__name__}: {text}") from None
+    except MISMATCH_ERRORS as exc:
+        raise mismatch(path, exc) from None
     _derive_buffers(model)
     return model.eval(), tok, ckpt
 

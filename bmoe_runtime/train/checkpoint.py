@@ -113,6 +113,14 @@ def _verify_checksum(path: Path, ckpt: dict) -> None:
         raise CheckpointError(f"{path} fails its checksum: corrupted or modified since it was saved")
 
 
+# what building the model from a checkpoint's config and tensors raises when they are not this bmoe's
+MISMATCH_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AttributeError)
+
+
+def mismatch(path: str | Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path} does not match this bmoe's model: {_describe(exc, 200)}")
+
+
 def load_model(path: str | Path) -> tuple[MoELM, Tokenizer, dict]:
     """(model in eval mode, tokenizer, checkpoint dict)."""
     ckpt = read_checkpoint(path)
@@ -121,8 +129,8 @@ def load_model(path: str | Path) -> tuple[MoELM, Tokenizer, dict]:
         model = MoELM(cfg)
         model.load_state_dict(ckpt["state_dict"])
         tok = tokenizer_from_dict(ckpt["tokenizer"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} does not match this bmoe's model: {_describe(exc, 200)}") from None
+    except MISMATCH_ERRORS as exc:
+        raise mismatch(path, exc) from None
     return model.eval(), tok, ckpt
 
 
