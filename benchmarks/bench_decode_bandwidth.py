@@ -277,15 +277,16 @@ def main() -> None:
     llc = llc_bytes()
     set_bytes = max(args.llc_factor * llc, args.min_set_mib * 2**20)
     rng = np.random.default_rng(0)
+    pinned = cores[:max(threads)] if cores else None
     head = [f"# TernaryMatMul decode bandwidth — {cpu_model()}",
             f"{cpus} CPUs available, LLC {llc / 2**20:.0f} MiB, weight set per implementation ≥ "
             f"{set_bytes / 2**20:.0f} MiB; onnxruntime {ort.__version__}; library {lib}; "
             f"BMOE_KERNEL={os.environ.get('BMOE_KERNEL', '(auto)')}; {args.reps} runs each, median (min–max); "
-            f"threads pinned to physical cores: {cores[:max(threads)] if cores else 'no'}", ""]
+            f"threads pinned to physical cores: {pinned or 'no'}", ""]
     print("\n".join(head), flush=True)
     report = {"cpu": cpu_model(), "cpus": cpus, "llc_bytes": llc, "set_bytes": set_bytes, "onnxruntime": ort.__version__,
               "library": lib, "library_sha256": hashlib.sha256(Path(lib).read_bytes()).hexdigest(),
-              "bmoe_kernel": os.environ.get("BMOE_KERNEL", ""), "pinned_cores": cores[:max(threads)] if cores else None,
+              "bmoe_kernel": os.environ.get("BMOE_KERNEL", ""), "pinned_cores": pinned,
               "reps": args.reps, "stream_read_gbs": {}, "decode": [], "prefill": []}
     t_start = time.perf_counter()
 
@@ -336,7 +337,7 @@ def main() -> None:
             per_read = read_bytes(impl, k, n)
             r = max(2, int(-(-set_bytes // per_read)))
             if built != (impl.split("@")[0], r):  # impl@variant columns reuse their impl's graph
-                model, built = b"", None
+                model = small = b""  # the previous graphs go before the next are built: one pair in memory
                 model, built = impl_model(impl, k, n, r, rng), (impl.split("@")[0], r)
                 # The same kernels with their weights in the LLC (rc nodes, ≤ 1/4 of it, repeated): the
                 # compute-bound rate, which tells a compute limit from a memory one.

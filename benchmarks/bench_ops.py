@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bmoe_runtime.backends import ort_ops  # noqa: E402
 from bmoe_runtime.format.packing import pack_trits  # noqa: E402
-from results import cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_decode_bandwidth import kernel_choice  # noqa: E402  (benchmarks/ is the script's directory)
+from results import cpu_model  # noqa: E402
 
 CHAIN = 32  # ButterflyRotate / its dense baseline: nodes per graph, to amortise Run() overhead
 
@@ -160,15 +161,6 @@ def run_overhead(args):
     return time_model(m, {"X": np.zeros((1, 16), np.float32)}, 1, args.min_time)
 
 
-def ternary_kernel_choice() -> str:
-    """The variants TernaryMatMul uses in this process (calibrated at first use unless BMOE_KERNEL forces one)."""
-    import ctypes
-
-    fn = ctypes.CDLL(str(ort_ops.library_path())).BmoeTernaryKernel
-    fn.restype = ctypes.c_char_p
-    return f"{fn(0).decode()} / {fn(1).decode()}"
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the headline shapes")
@@ -184,9 +176,10 @@ def main():
         sys.exit("libbmoe_ops.so is not built")
     threads = [int(t) for t in args.threads.split(",")]
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    choice = " / ".join(kernel_choice(str(ort_ops.library_path())).values())
     header = [f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; "
               f"kernel variant: {os.environ.get('BMOE_KERNEL', 'auto')} "
-              f"(TernaryMatMul exact / act_quant: {ternary_kernel_choice()}); "
+              f"(TernaryMatMul exact / act_quant: {choice}); "
               f"ORT Run() overhead (1-node Identity graph): {run_overhead(args) * 1e6:.1f} µs", ""]
     out = header[:]
     if args.only in (None, "matmul"):

@@ -89,15 +89,14 @@ resume_copy() {  # mode of the checkpoint, mode to resume in, name of the copy
   if [ "$3" = control ]; then
     "$PY" - "$W/control.pt" <<'PY' || return
 import sys, torch
-from bmoe_runtime.train.checkpoint import content_sha256, read_checkpoint
+from bmoe_runtime.train.checkpoint import read_checkpoint, write_checkpoint
 ckpt = read_checkpoint(sys.argv[1])
 rng = ckpt["train_state"]["rng"]
 if rng["cuda"][0] is not None:  # CUDA state: seed (8 bytes) and offset; another seed
     rng["cuda"][0] = torch.cat([torch.tensor([12345], dtype=torch.int64).view(torch.uint8), rng["cuda"][0][8:]])
 else:
     rng["cpu"][0] = torch.Generator().manual_seed(12345).get_state()
-ckpt["checksum"] = {"sha256": content_sha256(ckpt)}
-torch.save(ckpt, sys.argv[1])
+write_checkpoint(sys.argv[1], ckpt)  # under a fresh checksum
 PY
   fi
   until_ $((P1 + 25)) "${TRAIN[@]}" $RESUME_ARGS --data "$CORPUS" $(flag "$2") --out "$W/$3.pt" --resume
@@ -135,12 +134,13 @@ for f in "$W"/lane-*.log "$W"/cross-*.log "$W"/control.log "$W"/speed-*.log "$W"
 done > "$OUT/logs.txt"
 say "part 4: results"
 "$PY" - "$W" "$OUT" "$MODES" "$STOP" "$(cat "$W/pytest.rc" 2>/dev/null || echo 1)" <<'PY'
-import glob, json, os, sys
+import functools, glob, json, os, sys
 from bmoe_runtime.train.checkpoint import read_checkpoint
 
 w, out, modes, stop, pytest_rc = sys.argv[1], sys.argv[2], sys.argv[3].split(), int(sys.argv[4]), int(sys.argv[5])
 
 
+@functools.cache  # the uninterrupted runs are compared several times: read (and checksum) each once
 def metrics(name):
     path = f"{w}/{name}.pt"
     return read_checkpoint(path)["metrics"] if os.path.exists(path) else None

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bmoe_runtime.nn.memory import expert_bytes, model_memory  # noqa: E402
 from bmoe_runtime.nn.model import ModelConfig  # noqa: E402
-from bmoe_runtime.train.checkpoint import write_checkpoint  # noqa: E402
+from bmoe_runtime.train.checkpoint import load_model, read_checkpoint, write_checkpoint  # noqa: E402
 
 
 def _read(p: Path) -> str | None:
@@ -52,12 +52,11 @@ def collect(run_dir: Path) -> dict:
 
 
 def strip(src: Path, dst: Path, sample: Path | None) -> None:
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(src)
     ckpt.pop("train_state", None)
     write_checkpoint(dst, ckpt)
     print(f"{dst}: {dst.stat().st_size / 2**20:.2f} MiB")
     if sample:
-        from bmoe_runtime.train.checkpoint import load_model
         model, tok, _ = load_model(dst)
         lines = []
         for prompt in ("ROMEO:", "First Citizen:\n"):

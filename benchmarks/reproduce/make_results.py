@@ -195,8 +195,9 @@ def main_table(data: dict, groups: dict[str, Seeds]) -> list[str]:
         dense = dense_at.get(c["n_experts"], c["n_layers"] * c["n_experts"] * c["d_ff"] * c["d_model"] * 4)
         ratio = f"{dense / eb:.1f}×" if c["n_experts"] > 1 else "—"
         tokens = {r["metrics"]["train_tokens"] for r in done.values()}
+        test = stat(seeds, final_test_ppl)
         out.append(f"| {name(c)} | {', '.join(map(str, done))} of {', '.join(map(str, seeds))} | "
-                   f"{stat(seeds, final_test_ppl).text()} | {stat(seeds, final_test_ppl).per_seed()} | "
+                   f"{test.text()} | {test.per_seed()} | "
                    f"{stat(seeds, final_valid_ppl).text()} | "
                    f"{stat(seeds, lambda r: r['metrics']['test']['word_ppl']).text(1)} | "
                    f"{eb / MIB:.3f} MiB | {measured_from_files(c)} | {ratio} | "
@@ -374,6 +375,8 @@ def plot(data: dict, path: Path) -> None:
     groups = group(data["runs"])
     style = {"dense": ("s", "tab:red"), "ternary": ("^", "tab:orange"), "static": ("x", "tab:gray"),
              "butterfly": ("o", "tab:blue"), "qat": ("P", "tab:purple"), "fnn": ("D", "tab:green")}
+    names = {**LABEL, "qat": "ButterflyMoE + ternary attn & proj (QAT)",
+             "fnn": "dense FFN, no MoE (its up matrix counted)"}
     metrics = (("test ppl at the end (6000 steps)", "test perplexity", final_test_ppl),
                ("best valid ppl along training (evaluated every 1000 steps)", "best valid perplexity",
                 lambda r: best_valid(r)[0]))
@@ -390,8 +393,6 @@ def plot(data: dict, path: Path) -> None:
             x = next(iter(done.values()))["memory_bytes"]["expert"] / MIB * (1.2 if kind == "qat" else 1)
             s = stat(seeds, f)
             ax.scatter([x] * s.n, s.values, marker=mk, color=col, s=22, alpha=0.3, zorder=2)
-            names = {**LABEL, "qat": "ButterflyMoE + ternary attn & proj (QAT)",
-                     "fnn": "dense FFN, no MoE (its up matrix counted)"}
             label = None if kind in lines else names[kind]
             ax.errorbar(x, s.mean, yerr=s.std or 0, fmt=mk, color=col, ms=8, capsize=4, zorder=3, label=label)
             text = f"d_ff {c['d_ff']}" if kind == "fnn" else f"N={c['n_experts']}"

@@ -132,7 +132,7 @@ def main() -> None:
            "BMOE_CACHE_DIR": str(cache)}
     prepare_tokens(a.data, cache)
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout if a.device == "cuda" else "no GPU" 
+                         capture_output=True, text=True).stdout if a.device == "cuda" else "no GPU"
     import torch
     (a.run_dir / "gpu.txt").write_text(f"{smi.strip()}\ntorch {torch.__version__}\n")
     (a.run_dir / "commands.txt").write_text("".join(
@@ -154,11 +154,12 @@ def main() -> None:
             r = queue.pop(0)
             gpu = min(range(n_gpu), key=lambda g: sum(1 for _, gg in live.values() if gg == g))
             ckpt = a.run_dir / f"{r.name}.pt"
-            log = open(a.run_dir / f"{r.name}.log", "a")
-            proc = subprocess.Popen(r.command(ckpt, ckpt.exists(), a.device), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env={**env, "CUDA_VISIBLE_DEVICES": str(gpu)})
+            resume = ckpt.exists()
+            with open(a.run_dir / f"{r.name}.log", "a") as log:  # the child keeps its own descriptor
+                proc = subprocess.Popen(r.command(ckpt, resume, a.device), stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": str(gpu)})
             live[r.name] = (proc, gpu)
-            print(f"{time.strftime('%H:%M:%S')} started {r.name} on GPU {gpu}{' (resumed)' if ckpt.exists() else ''}",
+            print(f"{time.strftime('%H:%M:%S')} started {r.name} on GPU {gpu}{' (resumed)' if resume else ''}",
                   flush=True)
         if left <= 0 and live:
             print(f"deadline: stopping {len(live)} runs at their next step (resumable)", flush=True)
