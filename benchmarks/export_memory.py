@@ -119,6 +119,7 @@ def export_peak_rss(ckpt: Path, out: Path, options: list[str], interval: float =
         raise RuntimeError(f"bmoe-export {ckpt} failed ({proc.returncode}): {stderr.decode()[-400:]}")
     return int(hwm.read_text()) * 1024, sampled[0], time.perf_counter() - start
 
+
 def run(repeats: int, work: Path) -> dict:
     rows = []
     for i, spec in enumerate(SPECS):

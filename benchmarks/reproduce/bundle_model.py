@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from angle_dtype_ppl import nll  # noqa: E402
 from bmoe_runtime import default_model_dir  # noqa: E402
 from bmoe_runtime.runtime.generate import Generator  # noqa: E402
+from bmoe_runtime.format.tokenizer import tokenizer_from_dict  # noqa: E402
 from bmoe_runtime.runtime.session import ModelSession  # noqa: E402
-from bmoe_runtime.train.checkpoint import load_model, write_checkpoint  # noqa: E402
+from bmoe_runtime.train.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
 from bmoe_runtime.train.data import load_corpus  # noqa: E402
 from exporters import ExportOptions, export_checkpoint  # noqa: E402
 
@@ -54,14 +55,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
-    _, tok, ckpt = load_model(a.checkpoint)
+    ckpt = read_checkpoint(a.checkpoint)  # its tokenizer and config; the exporter builds the model
+    tok = tokenizer_from_dict(ckpt["tokenizer"])
     ids = np.asarray(tok.encode(load_corpus(a.data).valid), np.int64)
     window = ckpt["config"]["max_seq"]
     with tempfile.TemporaryDirectory() as tmp:
         loss, _ = score(a.checkpoint, Path(tmp) / "fp32", {}, ids, window)
         print(f"fp32 export of the checkpoint: valid {loss:.4f} nats/char, {loss / math.log(2):.3f} bpc "
               f"({len(ids):,} chars, windows of {window})", flush=True)
-        loss = float(loss)  # a numpy scalar would make the checkpoint unreadable to weights_only loading
         valid = {"loss": loss, "bpc": loss / math.log(2), "ppl": math.exp(loss)}
         ckpt["metrics"] = {**ckpt.get("metrics", {}), "valid": valid, "test": valid,  # no test split: test = valid
                            "steps_done": a.steps_done}
