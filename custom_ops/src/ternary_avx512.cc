@@ -179,7 +179,7 @@ inline void lut_block(const float* tab, size_t w, size_t J, const uint32_t* Wl, 
   for (size_t j = 0; j < w; ++j, tab += 6 * 32) {
     __m512i x[NG];
     for (int g = 0; g < NG; ++g) {
-      const uint32_t* p = Wl + (g * J + j) * kLutRows;
+      const uint32_t* p = Wl + lut_word(J, g, j, 0);
       x[g] = _mm512_loadu_si512(p);
       if (ahead) _mm_prefetch(reinterpret_cast<const char*>(p + kLutJb * kLutRows), _MM_HINT_T1);
     }
@@ -216,7 +216,7 @@ void lut_avx512(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_
       const size_t w = std::min(kLutJb, J - j0);
       const bool ahead = j0 + kLutJb < J;  // (past J a prefetch only touches the next group)
       for (size_t i = 0; i < nb; i += 4) {
-        const uint32_t* p = Wl + ((g0 + i) * J + j0) * kLutRows;
+        const uint32_t* p = Wl + lut_word(J, g0 + i, j0, 0);
         const float* t = tab + 6 * 32 * j0;
         switch (std::min<size_t>(4, nb - i)) {
           case 4: lut_block<4>(t, w, J, p, ahead, acc + i); break;
@@ -243,9 +243,11 @@ int32_t quantize_avx512(const float* a, size_t K, size_t Kp, int8_t* q, float* q
   const __mmask16 tail = static_cast<__mmask16>((1u << (K - i)) - 1);
   mx = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(tail, a + i)), mx);
   const float amax = _mm512_reduce_max_ps(mx);
-  *qscale = amax > 0.f ? amax / 127.f : 0.f;
-  if (!(amax > 0.f)) return 0;
-  const __m512 s = _mm512_set1_ps(*qscale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  if (!(amax > 0.f)) {
+    *qscale = 0.f;
+    return 0;
+  }
+  const __m512 s = _mm512_set1_ps(*qscale = amax / 127.f), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   const __m128i by_shift = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   __m512i sum = _mm512_setzero_si512();
   for (i = 0; i < K; i += 16) {  // 16 trits = packed bytes 4u..4u+3 of a chunk: 4 bytes at each shift plane

@@ -53,9 +53,11 @@ int32_t quantize_scalar(const float* a, size_t K, size_t Kp, int8_t* q, float* q
   float part[8] = {};  // independent partial maxima: no serial maxss chain
   for (size_t i = 0; i < K; ++i) part[i % 8] = std::fabs(a[i]) > part[i % 8] ? std::fabs(a[i]) : part[i % 8];
   const float amax = *std::max_element(part, part + 8);  // NaN never enters a partial
-  *qscale = amax > 0.f ? amax / 127.f : 0.f;
-  if (!(amax > 0.f)) return 0;  // all-zero row: Y row is 0 (set by the caller)
-  const float s = *qscale;
+  if (!(amax > 0.f)) {  // all-zero row: Y row is 0 (set by the caller)
+    *qscale = 0.f;
+    return 0;
+  }
+  const float s = *qscale = amax / 127.f;
   int32_t sum = 0;
   for (size_t i = 0; i < K; ++i) {
     // Clamp first (written so that NaN also lands in range and the cast is defined), then
