@@ -141,17 +141,18 @@ def test_ternary_matmul_fp32_kernels(variant, packing, const_w):
 
 @pytest.mark.parametrize("packing", ["2bit", "base3"])
 @pytest.mark.parametrize("m", [0, 1, 4, 9])
-def test_ternary_matmul_invalid_code_in_constant_w(variant, packing, m):
+@pytest.mark.parametrize("act_quant", [0, 1])
+def test_ternary_matmul_invalid_code_in_constant_w(variant, packing, m, act_quant):
     w = _bad_code(packing)
     inputs = {"A": np.ones((m, 10), np.float32), "W": w, "s": np.ones(4, np.float32)}
     with pytest.raises(Exception, match="invalid 2-bit trit code" if packing == "2bit" else "invalid base3 byte"):
-        run("TernaryMatMul", inputs, const=("W",), K=10, packing=packing)
+        run("TernaryMatMul", inputs, const=("W",), K=10, packing=packing, act_quant=act_quant)
     # a code 11 in the padding slots of a row's last byte is reported too
     if packing == "2bit":
         w = pack_trits(np.zeros((4, 10), np.int8))
         w[3, -1] = 0b11 << 6
         with pytest.raises(Exception, match="invalid 2-bit trit code"):
-            run("TernaryMatMul", {**inputs, "W": w}, const=("W",), K=10)
+            run("TernaryMatMul", {**inputs, "W": w}, const=("W",), K=10, act_quant=act_quant)
 
 
 def test_ternary_matmul_default_packing_is_2bit():
@@ -194,6 +195,39 @@ def test_ternary_matmul_variants_and_thread_counts_agree(monkeypatch, act_quant)
         same = VARIANTS if act_quant else [v for v in ("scalar", "avx512") if v in VARIANTS and m <= 4]
         for v in same:
             np.testing.assert_array_equal(ys[v, 1], ys["scalar", 1], err_msg=f"{v} vs scalar {(m, k, n)}")
+
+
+# act_quant at M <= 7 with a constant W reads digit rows repacked at kernel creation (ternary.h), otherwise the
+# 2-bit rows: shapes across 256-trit chunks, the op's 64-row tiles and the 4-row blocks of A, ragged K.
+DIGIT_SHAPES = [(1, 1, 1), (1, 300, 70), (2, 577, 33), (4, 1300, 130), (5, 256, 17), (7, 40, 9), (8, 300, 10)]
+
+
+@pytest.mark.parametrize("packing", ["2bit", "base3"])
+def test_act_quant_digit_rows_equal_2bit_rows(variant, packing):
+    """Same bits from the digit-row path (constant W) as from the 2-bit path (W an input), both against the
+    dense reference."""
+    rng = np.random.default_rng(31)
+    for m, k, n in DIGIT_SHAPES:
+        a, w, s = tmm_case(rng, m, k, n, packing)
+        inputs = {"A": a, "W": w, "s": s}
+        ys = [run("TernaryMatMul", inputs, const=c, threads=2, K=k, packing=packing, act_quant=1) for c in ((), ("W",))]
+        np.testing.assert_allclose(ys[1], ternary_matmul(a, w, s, k, packing, 1), rtol=2e-6, atol=1e-30,
+                                   err_msg=f"{(m, k, n)}")
+        np.testing.assert_array_equal(ys[1], ys[0], err_msg=f"{(m, k, n)}: digit rows vs 2-bit rows")
+
+
+def test_act_quant_long_rows_stay_exact(variant):
+    """K = 9e6: one row of all +1 against activations all at max|a| sums 127·K (~1.1e9) exactly. The digit
+    kernels hold 4^3 · Σ d·q per plane, which passes 2^31 near K = 8.4e6 unless folded in spans."""
+    k = 9_000_000
+    t = np.zeros((3, k), np.int8)
+    t[0], t[1] = 1, -1
+    t[2, ::3] = 1
+    a = np.full((1, k), 0.5, np.float32)
+    s = np.ones(3, np.float32)
+    y = run("TernaryMatMul", {"A": a, "W": pack_trits(t), "s": s}, const=("W",), K=k, act_quant=1)
+    # q = 127 everywhere, qscale = 0.5 / 127: Y = qscale · Σ t·127, within float32 rounding of the product
+    np.testing.assert_allclose(y, [[0.5 * k, -0.5 * k, 0.5 * -(-k // 3)]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("m", [1, 9])

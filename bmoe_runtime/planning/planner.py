@@ -35,8 +35,10 @@ F32 = 4
 #          a time, into one buffer kept across calls (custom_ops/src/butterfly_op.cc, kCallExperts).
 #          Two kernels keep a second, repacked copy of constant weights next to the initializer (measured on the
 #          bundled d384/6-layer model: +4.2 MiB at session creation for 4.2 MiB of int4 weights):
-#          com.microsoft::MatMulNBits (MLAS prepacks the 4-bit blocks and scales) and, in exact mode,
-#          TernaryMatMul's LUT layout (custom_ops/src/ternary.h: 18 trits a uint32, rows padded to 16).
+#          com.microsoft::MatMulNBits (MLAS prepacks the 4-bit blocks and scales) and TernaryMatMul: in exact mode
+#          its LUT layout (custom_ops/src/ternary.h: 18 trits a uint32, rows padded to 16), with act_quant its digit
+#          rows (4 trits a byte, rows padded to 256 trits). Counted on every CPU, although only the variants that
+#          have these paths make the copy (avx512 and scalar; digit rows: AVX-512 VNNI and scalar).
 COPIES = {"numba": 2, "ort": 1}
 LOAD_TRANSIENT_COPIES = {"numba": 1, "ort": 0}
 CALL_TABLE_EXPERTS = {"numba": 0, "ort": 8}
@@ -225,15 +227,17 @@ def kernel_weight_copies(manifest: dict, backend: str) -> dict[str, int]:
         return {"MatMulNBits dequantized per call (numba, largest node)": 5 * largest} if largest else {}
     nbits = sum(t["bytes"] for name, t in tensors.items() if name.endswith(("_q4", "_q4_scales")))
     opts = manifest.get("export_options", {})
-    lut = 0
-    if not opts.get("act_quant", False):
-        trits_per_byte = 5 if opts.get("packing") == "base3" else 4
-        for name, t in tensors.items():
-            if t["kind"] in ("prototypes", "attention", "shared_projection") and name.endswith("w_packed"):
-                rows, row_bytes = t["shape"][0], t["shape"][-1]
-                lut += -(-rows // 16) * 16 * -(-(row_bytes * trits_per_byte) // 18) * 4
+    act_quant = bool(opts.get("act_quant", False))
+    trits_per_byte = 5 if opts.get("packing") == "base3" else 4
+    repacked = 0
+    for name, t in tensors.items():
+        if t["kind"] in ("prototypes", "attention", "shared_projection") and name.endswith("w_packed"):
+            rows, k = t["shape"][0], t["shape"][-1] * trits_per_byte  # k: K rounded up to a whole byte
+            repacked += rows * -(-k // 256) * 64 if act_quant else -(-rows // 16) * 16 * -(-k // 18) * 4
+    label = ("TernaryMatMul digit rows, act_quant (ort's second copy)" if act_quant
+             else "TernaryMatMul LUT layout, exact mode (ort's second copy)")
     return {k: v for k, v in (("MatMulNBits prepacked 4-bit weights (ort's second copy)", nbits),
-                              ("TernaryMatMul LUT layout, exact mode (ort's second copy)", lut)) if v}
+                              (label, repacked)) if v}
 
 
 def _table_bytes(shape: list[int], backend: str = "ort") -> int:

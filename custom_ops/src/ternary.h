@@ -88,12 +88,23 @@ using LutTables = void (*)(const float* a, size_t J, float* tab);
 using LutKernel = void (*)(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_t b1, const float* scale,
                            size_t N, float* Y);
 
+// ---- act_quant at small M with a constant W: "digit rows". At kernel creation a constant W is repacked with each
+// trit's 2-bit code replaced by its digit d = t + 1 (0, 1, 2; same bit positions), rows padded with digit 0 to
+// kDigitRowBytes(K) bytes (whole 256-trit chunks, met by Q = 0). A byte masked with 3 << 2s is then d · 4^s, a
+// valid unsigned multiplier, so a kernel needs one AND per 64 trits where 2-bit codes need a shift and a lookup.
+// Same contract as I8Kernel (Σ_k d·Q − qsum = Σ_k t·Q, exact in wrapping int32; same bits), W = digit rows.
+constexpr size_t kDigitsMaxM = 7;  // from 8 rows of A the int8 GEMM (decoding panels once for all rows) wins
+inline size_t digit_row_bytes(size_t K) { return (K + kQChunk - 1) / kQChunk * (kQChunk / 4); }
+using I8Digits = void (*)(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M, size_t Kp,
+                          const uint8_t* D, size_t N, const float* scale, float* Y, size_t ldy);
+
 struct Kernels {
   F32Kernel f32;
   I8Kernel i8;
   LutTables lut_tables;  // nullptr: the variant has no LUT path
   LutKernel lut;
   Quantize quantize;
+  I8Digits i8_digits;  // nullptr: the variant has no digit-row path (act_quant then reads the 2-bit rows)
 };
 
 int32_t quantize_scalar(const float*, size_t, size_t, int8_t*, float*);
@@ -101,6 +112,8 @@ int32_t quantize_scalar(const float*, size_t, size_t, int8_t*, float*);
 void lut_tables_scalar(const float*, size_t, float*);
 void lut_scalar(const float*, size_t, const uint32_t*, size_t, size_t, const float*, size_t, float*);
 
+void i8_digits_scalar(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, const float*,
+                      float*, size_t);
 bool f32_scalar(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
 bool i8_scalar(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
                const float*, float*, size_t);
@@ -116,6 +129,8 @@ bool i8_avx512(const int8_t*, const float*, const int32_t*, size_t, size_t, cons
                const float*, float*, size_t);
 bool i8_avx512vnni(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
                    const float*, float*, size_t);
+void i8_digits_avx512vnni(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t,
+                          const float*, float*, size_t);
 #endif
 #if defined(__aarch64__)
 bool f32_neon(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);

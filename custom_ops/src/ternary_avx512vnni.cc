@@ -38,6 +38,53 @@ void rows_vnni(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t
   }
 }
 
+// ---- Decode on digit rows (ternary.h): plane s of a 64-byte chunk is x & (3 << 2s) = d · 4^s, straight into
+// vpdpbusd (no shift, no lookup, no code check: 2 instructions per 64 trits and row of A). acc[.][s] holds
+// 4^s · Σ d·q exactly while a span lasts, so an arithmetic shift by 2s recovers Σ d·q.
+constexpr size_t kSpanChunks = 8192;  // |acc + acc2 lane| ≤ 8192 · 2 · 4 · 128 · 127 < 2^31 (R = 1: both hold chunks)
+
+// acc[.][s] += plane s of chunk c against each row of Q.
+template <int R>
+__attribute__((always_inline)) inline void digits_chunk(const int8_t* Q, size_t Kp, const uint8_t* row, size_t c,
+                                                        __m512i (&acc)[R][4]) {
+  _mm_prefetch(reinterpret_cast<const char*>(row + 64 * c + kPrefetchBytes), _MM_HINT_T0);
+  const __m512i x = _mm512_loadu_si512(row + 64 * c);
+  for (int s = 0; s < 4; ++s) {
+    const __m512i v = _mm512_and_si512(x, _mm512_set1_epi8(static_cast<char>(3 << (2 * s))));
+    for (int m = 0; m < R; ++m)
+      acc[m][s] = _mm512_dpbusd_epi32(acc[m][s], v, _mm512_loadu_si512(Q + m * Kp + c * kQChunk + 64 * s));
+  }
+}
+
+template <int R>
+void rows_digits(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t Kp, const uint8_t* row, float sc,
+                 float* Y, size_t ldy) {
+  __m512i tot[R];
+  for (int m = 0; m < R; ++m) tot[m] = _mm512_setzero_si512();
+  const size_t C = Kp / kQChunk;
+  for (size_t c0 = 0; c0 < C; c0 += kSpanChunks) {
+    const size_t c1 = std::min(C, c0 + kSpanChunks);
+    // One row of A: two chunks in flight (8 accumulator chains for vpdpbusd's latency); more rows: one.
+    __m512i acc[R][4], acc2[R][4];
+    for (int m = 0; m < R; ++m)
+      for (int s = 0; s < 4; ++s) acc[m][s] = acc2[m][s] = _mm512_setzero_si512();
+    size_t c = c0;
+    if constexpr (R == 1)
+      for (; c + 2 <= c1; c += 2) {
+        digits_chunk<R>(Q, Kp, row, c, acc);
+        digits_chunk<R>(Q, Kp, row, c + 1, acc2);
+      }
+    for (; c < c1; ++c) digits_chunk<R>(Q, Kp, row, c, acc);
+    for (int m = 0; m < R; ++m)
+      for (int s = 0; s < 4; ++s)
+        tot[m] = _mm512_add_epi32(tot[m], _mm512_srai_epi32(_mm512_add_epi32(acc[m][s], acc2[m][s]), 2 * s));
+  }
+  for (int m = 0; m < R; ++m) {
+    const uint32_t sum = static_cast<uint32_t>(_mm512_reduce_add_epi32(tot[m])) - static_cast<uint32_t>(qsum[m]);
+    Y[m * ldy] = qscale[m] * sc * static_cast<float>(static_cast<int32_t>(sum));
+  }
+}
+
 // ---- Prefill: a panel of kNr = 32 rows of W × kKc trits decoded once into an L1 tile of t+1 bytes laid out
 // for vpdpbusd. Step i of the panel (4 trits a row) holds two vectors, rows 0-15 and 16-31, whose dword n is
 // row n's t+1 bytes for the trits whose activations are the 4 bytes Q[m, k0 + 4i .. +3] in qpos order: step
@@ -126,6 +173,16 @@ bool i8_gemm(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M
 }
 
 }  // namespace
+
+void i8_digits_avx512vnni(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M, size_t Kp,
+                          const uint8_t* D, size_t N, const float* scale, float* Y, size_t ldy) {
+  const size_t Kd = Kp / 4;
+  for (size_t n = 0; n < N; ++n)
+    for_row_blocks<4>(M, [&](size_t m0, auto R) {
+      rows_digits<decltype(R)::value>(Q + m0 * Kp, qscale + m0, qsum + m0, Kp, D + n * Kd, scale[n], Y + m0 * ldy + n,
+                                      ldy);
+    });
+}
 
 bool i8_avx512vnni(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M, size_t Kp,
                    const uint8_t* W, size_t Kb, size_t N, const float* scale, float* Y, size_t ldy) {

@@ -23,16 +23,18 @@ using namespace ternary;
 Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(__x86_64__) || defined(__i386__)
-    case Variant::Avx2: return {f32_avx2, i8_avx2, nullptr, nullptr, quantize_scalar};
-    case Variant::Avx512:
-      return {f32_avx512, cpu_features().avx512vnni ? i8_avx512vnni : i8_avx512, lut_tables_avx512, lut_avx512,
-              quantize_avx512};
+    case Variant::Avx2: return {f32_avx2, i8_avx2, nullptr, nullptr, quantize_scalar, nullptr};
+    case Variant::Avx512: {
+      const bool vnni = cpu_features().avx512vnni;
+      return {f32_avx512, vnni ? i8_avx512vnni : i8_avx512, lut_tables_avx512, lut_avx512, quantize_avx512,
+              vnni ? i8_digits_avx512vnni : nullptr};
+    }
 #endif
 #if defined(__aarch64__)
-    case Variant::Neon: return {f32_neon, i8_neon, nullptr, nullptr, quantize_scalar};
-    case Variant::Dotprod: return {f32_neon, i8_dotprod, nullptr, nullptr, quantize_scalar};
+    case Variant::Neon: return {f32_neon, i8_neon, nullptr, nullptr, quantize_scalar, nullptr};
+    case Variant::Dotprod: return {f32_neon, i8_dotprod, nullptr, nullptr, quantize_scalar, nullptr};
 #endif
-    default: return {f32_scalar, i8_scalar, lut_tables_scalar, lut_scalar, quantize_scalar};
+    default: return {f32_scalar, i8_scalar, lut_tables_scalar, lut_scalar, quantize_scalar, i8_digits_scalar};
   }
 }
 
@@ -114,6 +116,35 @@ void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L
   L.bad = bad != 0;
 }
 
+// A constant W repacked at kernel creation as digit rows (ternary.h), for act_quant at small M.
+struct DigitWeights {
+  std::vector<uint8_t> d;  // N · digit_row_bytes(K)
+  bool bad = false;        // an invalid code anywhere in W
+};
+
+// Repacks 2-bit rows (N × Kb2 bytes, K trits each). Flags a code 11 anywhere, padding included.
+void digits_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, DigitWeights& D) {
+  static const auto to_digits = [] {  // each 2-bit code c of a byte → its digit (00→1, 01→2, 10→0; 11 flagged)
+    std::array<uint8_t, 256> t{};
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 4; ++i) {
+        const int code = (b >> (2 * i)) & 3;
+        t[b] = static_cast<uint8_t>(t[b] | (code == 1 ? 2 : code == 2 ? 0 : 1) << (2 * i));
+      }
+    return t;
+  }();
+  const size_t Kd = digit_row_bytes(K);
+  D.d.assign(N * Kd, 0);
+  unsigned bad = 0;
+  for (size_t n = 0; n < N; ++n)
+    for (size_t b = 0; b < Kb2; ++b) {
+      const uint8_t x = w2[n * Kb2 + b];
+      bad |= x & (x >> 1) & 0x55u;
+      D.d[n * Kd + b] = to_digits[x];
+    }
+  D.bad = bad != 0;
+}
+
 // ---- Kernel choice by measurement. Per mode (exact / act_quant) the variants this CPU runs are timed once per
 // process on a synthetic decode product (M=1, K=4096, N=256: 256 KiB of weights, in L2; well under 50 ms in all)
 // and the fastest is used; scalar, the reference, is a candidate only when it is the only one. The variants of a
@@ -191,7 +222,8 @@ struct Kernel {
   bool base3;
   bool act_quant;
   Kernels kern;
-  std::unique_ptr<LutWeights> lut;  // constant W in the LUT layout, when the variant has a LUT path
+  std::unique_ptr<LutWeights> lut;       // constant W in the LUT layout (exact), when the variant has a LUT path
+  std::unique_ptr<DigitWeights> digits;  // constant W as digit rows (act_quant), when the variant has that path
 
   void compute(OrtKernelContext* ctx) const;
 };
@@ -210,12 +242,14 @@ Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
     throw OpError("attribute packing must be \"2bit\" or \"base3\", got \"" + packing + "\"");
   const int64_t aq = attr_int(api, info, "act_quant", 0);
   if (aq != 0 && aq != 1) throw OpError("attribute act_quant must be 0 or 1, got " + std::to_string(aq));
-  std::unique_ptr<Kernel> kernel(new Kernel{api, K, packing == "base3", aq == 1, kernels_for(ternary_variant(aq == 1)), nullptr});
-  // Constant, well-formed W (anything else is reported by compute): repack once for the LUT path.
+  std::unique_ptr<Kernel> kernel(
+      new Kernel{api, K, packing == "base3", aq == 1, kernels_for(ternary_variant(aq == 1)), nullptr, nullptr});
+  // Constant, well-formed W (anything else is reported by compute): repack once for the LUT or digit-row path.
   const Tensor W = constant_input(api, info, 1);
   const int64_t Kb = packed_row_bytes(K, packing == "base3");
-  if (kernel->kern.lut && aq == 0 && W.present && W.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 &&
-      W.shape.size() == 2 && W.shape[0] >= 1 && W.shape[1] == Kb) {
+  const bool repack = aq == 1 ? kernel->kern.i8_digits != nullptr : kernel->kern.lut != nullptr;
+  if (repack && W.present && W.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && W.shape.size() == 2 &&
+      W.shape[0] >= 1 && W.shape[1] == Kb) {
     const size_t N = static_cast<size_t>(W.shape[0]), k = static_cast<size_t>(K), Kb2 = (k + 3) / 4;
     const uint8_t* w2 = static_cast<const uint8_t*>(W.data);
     std::vector<uint8_t> rows;
@@ -226,9 +260,15 @@ Kernel* create(const OrtApi* api, const OrtKernelInfo* info) {
         if (!base3_to_2bit(w2 + n * Kb, static_cast<size_t>(Kb), &rows[n * Kb2], Kb2)) bad3 = true;
       w2 = rows.data();
     }
-    kernel->lut.reset(new LutWeights);
-    lut_repack(w2, N, Kb2, k, *kernel->lut);
-    kernel->lut->bad |= bad3;
+    if (aq == 1) {
+      kernel->digits.reset(new DigitWeights);
+      digits_repack(w2, N, Kb2, k, *kernel->digits);
+      kernel->digits->bad |= bad3;
+    } else {
+      kernel->lut.reset(new LutWeights);
+      lut_repack(w2, N, Kb2, k, *kernel->lut);
+      kernel->lut->bad |= bad3;
+    }
   }
   return kernel.release();
 }
@@ -291,10 +331,13 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     return;
   }
 
-  // Weights as 2-bit rows. base3 is a storage format: re-pack it once per call.
+  // Small M, constant W, act_quant: digit rows. Otherwise the weights as 2-bit rows (base3, a storage format, is
+  // re-packed once per call).
+  const bool use_digits = digits && M <= kDigitsMaxM;
+  if (use_digits && digits->bad) throw OpError(bad_msg);
   const uint8_t* w2 = static_cast<const uint8_t*>(W.data);
   std::vector<uint8_t> repacked;
-  if (base3) {
+  if (base3 && !use_digits) {
     repacked.resize(N * Kb2);
     const size_t rows = 64, tasks = (N + rows - 1) / rows;
     auto task = [&](size_t t) {
@@ -305,20 +348,28 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     w2 = repacked.data();
   }
 
-  // Activations padded with zeros to Kp (f32), or quantized to int8 in qpos order.
-  std::vector<float> apad;
-  std::vector<int8_t> q;
-  std::vector<float> qscale;
-  std::vector<int32_t> qsum;
+  // Activations padded with zeros to Kp (f32), or quantized to int8 in qpos order. Per-thread scratch reused
+  // across calls (as the LUT path's): only this call's tasks read it, and the calling thread waits for them.
+  // (A thread_local is not captured by the tasks' lambdas: they use the pointers taken here.)
+  thread_local std::vector<float> apad_buf, qscale_buf;
+  thread_local std::vector<int8_t> q_buf;
+  thread_local std::vector<int32_t> qsum_buf;
+  int8_t* q = nullptr;
+  float* qscale = nullptr;
+  int32_t* qsum = nullptr;
   if (act_quant) {
-    q.resize(M * Kp);
-    qscale.resize(M);
-    qsum.resize(M);
-    for (size_t m = 0; m < M; ++m) qsum[m] = kern.quantize(a + m * k, k, Kp, &q[m * Kp], &qscale[m]);
+    if (q_buf.size() < M * Kp) q_buf.resize(M * Kp);
+    if (qscale_buf.size() < M) qscale_buf.resize(M), qsum_buf.resize(M);
+    q = q_buf.data(), qscale = qscale_buf.data(), qsum = qsum_buf.data();
+    for (size_t m = 0; m < M; ++m) qsum[m] = kern.quantize(a + m * k, k, Kp, q + m * Kp, qscale + m);
   } else if (Kp != k) {
-    apad.assign(M * Kp, 0.f);
-    for (size_t m = 0; m < M; ++m) std::copy(a + m * k, a + (m + 1) * k, &apad[m * Kp]);
-    a = apad.data();
+    if (apad_buf.size() < M * Kp) apad_buf.resize(M * Kp);
+    float* apad = apad_buf.data();
+    for (size_t m = 0; m < M; ++m) {
+      std::copy(a + m * k, a + (m + 1) * k, apad + m * Kp);
+      std::fill(apad + m * Kp + k, apad + (m + 1) * Kp, 0.f);
+    }
+    a = apad;
   }
 
   if (M > 0) {
@@ -328,17 +379,22 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     const size_t min_nb = (65536 / (MB * Kp) + 7) / 8 * 8;
     size_t NB = std::max<size_t>({8, min_nb, (N + 63) / 64});
     if (M >= 3) NB = (NB + 31) / 32 * 32;  // whole 32-row panels for the GEMM kernels (fp32 and int8)
-    const size_t mt = (M + MB - 1) / MB, nt = (N + NB - 1) / NB;
+    const size_t mt = (M + MB - 1) / MB, nt = (N + NB - 1) / NB, Kd = Kp / 4;
     auto task = [&](size_t t) {
       const size_t m0 = t / nt * MB, n0 = t % nt * NB;
       const size_t mc = std::min(MB, M - m0), nc = std::min(NB, N - n0);
-      const bool b = act_quant ? kern.i8(&q[m0 * Kp], &qscale[m0], &qsum[m0], mc, Kp, w2 + n0 * Kb2, Kb2, nc,
+      if (use_digits) {
+        kern.i8_digits(q + m0 * Kp, qscale + m0, qsum + m0, mc, Kp, digits->d.data() + n0 * Kd, nc, sc + n0,
+                       Y + m0 * N + n0, N);
+        return;
+      }
+      const bool b = act_quant ? kern.i8(q + m0 * Kp, qscale + m0, qsum + m0, mc, Kp, w2 + n0 * Kb2, Kb2, nc,
                                          sc + n0, Y + m0 * N + n0, N)
                                : kern.f32(a + m0 * Kp, mc, Kp, w2 + n0 * Kb2, Kb2, nc, sc + n0, Y + m0 * N + n0, N);
       if (b) bad = true;
     };
     parallel_claim(api, ctx, mt * nt, task);
-  } else if (!base3) {  // no product to detect invalid codes during: scan the bytes
+  } else if (!base3 && !use_digits) {  // no product to detect invalid codes during: scan the bytes
     const uint8_t* p = w2;
     unsigned acc = 0;
     for (size_t i = 0; i < N * Kb2; ++i) acc |= p[i] & (p[i] >> 1) & 0x55u;

@@ -48,6 +48,23 @@ bool i8_scalar(const int8_t* Q, const float* qscale, const int32_t*, size_t M, s
   return bad != 0;
 }
 
+// Digit rows (ternary.h): Σ_k d·q − Σq in wrapping uint32 (the true sum fits in int32; its parts may not).
+void i8_digits_scalar(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M, size_t Kp, const uint8_t* D,
+                      size_t N, const float* scale, float* Y, size_t ldy) {
+  const size_t Kd = Kp / 4;
+  for (size_t n = 0; n < N; ++n) {
+    const uint8_t* row = D + n * Kd;
+    for (size_t m = 0; m < M; ++m) {
+      const int8_t* q = Q + m * Kp;
+      uint32_t acc = 0;
+      for (size_t k = 0; k < Kp; ++k)
+        acc += static_cast<uint32_t>(static_cast<int32_t>((row[k >> 2] >> (2 * (k & 3))) & 3u) * q[qpos(k)]);
+      acc -= static_cast<uint32_t>(qsum[m]);
+      Y[m * ldy + n] = qscale[m] * scale[n] * static_cast<float>(static_cast<int32_t>(acc));
+    }
+  }
+}
+
 int32_t quantize_scalar(const float* a, size_t K, size_t Kp, int8_t* q, float* qscale) {
   std::fill(q, q + Kp, int8_t{0});
   float part[8] = {};  // independent partial maxima: no serial maxss chain
