@@ -79,19 +79,25 @@ void parallel_for(const OrtApi* api, OrtKernelContext* ctx, size_t n, Task& task
 // task. ORT hands tasks to its threads dynamically, so a surplus task costs only a failed claim.
 inline constexpr size_t kMaxParallelTasks = 64;
 
-// Runs first(i) for every i in [0, n1), then then(i) for every i in [0, n2), on ORT's intra-op pool with
-// min(max(n1, n2), kMaxParallelTasks) tasks, each claiming the next unclaimed item until none is left, and waiting
-// (yielding) until every first item is done before claiming a `then` item. No task waits for an item that is not
-// being run (an item is claimed by a running task), so this cannot deadlock. Items are meant to be contiguous
-// slabs (one sequential stream each); claiming balances them over however many threads the pool has.
-// Neither body may throw.
+// Divisor of guided claiming: a claim takes 1/kClaimDivisor of the items left (at least one).
+inline constexpr size_t kClaimDivisor = 16;
+
+// Runs first(i0, i1) over runs [i0, i1) covering [0, n1), then then(i) for every i in [0, n2), on ORT's intra-op
+// pool with min(max(n1, n2), kMaxParallelTasks) tasks. Runs are claimed guided: each claim takes 1/kClaimDivisor
+// of the items left, so the first runs are long (few claims; a run is meant to be one sequential stream) and the
+// last are single items (the threads finish together, however many the pool has). A task waits (yielding) until
+// every first item is done before claiming a `then` item, each claimed one at a time. No task waits for an item
+// that is not being run (an item is claimed by a running task), so this cannot deadlock. Neither body may throw.
 template <class First, class Then>
 void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n1, First& first, size_t n2, Then& then) {
   std::atomic<size_t> next1{0}, done1{0}, next2{0};
   auto task = [&](size_t) {
-    for (size_t i; (i = next1.fetch_add(1, std::memory_order_relaxed)) < n1;) {
-      first(i);
-      done1.fetch_add(1, std::memory_order_release);
+    for (size_t i = next1.load(std::memory_order_relaxed); i < n1;) {
+      const size_t take = (n1 - i) / kClaimDivisor > 1 ? (n1 - i) / kClaimDivisor : 1;
+      if (!next1.compare_exchange_weak(i, i + take, std::memory_order_relaxed)) continue;  // i: reloaded
+      first(i, i + take);
+      done1.fetch_add(take, std::memory_order_release);
+      i = next1.load(std::memory_order_relaxed);
     }
     while (done1.load(std::memory_order_acquire) < n1) std::this_thread::yield();
     for (size_t i; (i = next2.fetch_add(1, std::memory_order_relaxed)) < n2;) then(i);
@@ -104,7 +110,7 @@ void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n1, First& 
 
 template <class Body>
 void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n, Body& body) {
-  auto none = [](size_t) {};
+  auto none = [](size_t, size_t) {};
   parallel_claim(api, ctx, 0, none, n, body);
 }
 

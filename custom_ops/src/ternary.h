@@ -64,29 +64,36 @@ static inline const uint8_t* chunk_ptr(const uint8_t* row, size_t c, size_t Kb, 
 }
 
 // ---- Exact fp32 at small M with a constant W: table lookups over trit triples (T-MAC style).
-// At kernel creation a constant W is repacked ("LUT layout"): rows in groups of kLutRows = 16;
-// trits k = 3i, 3i+1, 3i+2 of a row form the base-3 index d0 + 3·d1 + 9·d2 (d = t + 1, 0…26),
-// six indices per dword (bits 5s…5s+4 hold triple 6j+s), J = ceil(K / 18) dword columns.
-// Word j of row r of group g is at (g·J + j)·16 + r: the 16 rows' dwords of a column are contiguous and a
-// group is one contiguous run. Kernels take groups in slabs of kLutSlab = 16 (256 rows) and K blocks of
-// kLutJb = 32 columns, 4 groups at a time, so each block's 24 KiB of tables is reused from L1 by the slab's
-// 16 groups.
+// At kernel creation a constant W is repacked ("LUT layout"): rows in groups of kLutRows = 16; trits k = 3i, 3i+1,
+// 3i+2 of a row form the base-3 index d0 + 3·d1 + 9·d2 (d = t + 1, 0…26), six indices per dword (bits 5s…5s+4
+// hold triple 6j+s), J = ceil(K / 18) dword columns. The columns are stored in K blocks of kLutJb = 32 (the last
+// one w = J − 32·(B−1) wide), block after block; a block holds its groups in items of kLutItem = 4 (the last item
+// of a block nc ≤ 4 groups), item after item; inside an item, column after column, each column the nc groups'
+// 16 rows' dwords: word (b, g, j, r) at lut_word(J, G, b, g, j, r). An item's 4 cache lines of a column are
+// adjacent, and a run of items, across blocks too, is one sequential stream; a block's 24 KiB of tables stays in
+// L1 while a thread walks any number of its items.
 // Trits past K and rows past N hold index 13 (all zero).
-// Per call and row of A, table tab[(6j+s)·32 + i] = Σ_c t_c(i)·a[18j + 3s + c] for i < 27
-// (partial sums in a fixed order, zero trits skipped), 0 for i ≥ 27; each index is then one lookup.
-constexpr size_t kLutRows = 16, kLutK = 18, kLutSlab = 16, kLutJb = 32;
+// Per call, row of A and block, table tab[(6j+s)·32 + i] = Σ_c t_c(i)·a[18(32b+j) + 3s + c] for i < 27 (partial
+// sums in a fixed order, zero trits skipped), 0 for i ≥ 27; each index is then one lookup.
+constexpr size_t kLutRows = 16, kLutK = 18, kLutJb = 32, kLutItem = 4;
 inline size_t lut_cols(size_t K) { return (K + kLutK - 1) / kLutK; }  // J
 inline size_t lut_groups(size_t N) { return (N + kLutRows - 1) / kLutRows; }
-inline size_t lut_slabs(size_t N) { return (lut_groups(N) + kLutSlab - 1) / kLutSlab; }
-inline size_t lut_word(size_t J, size_t g, size_t j, size_t r) { return (g * J + j) * kLutRows + r; }
+inline size_t lut_blocks(size_t J) { return (J + kLutJb - 1) / kLutJb; }
+inline size_t lut_width(size_t J, size_t b) { return J - b * kLutJb < kLutJb ? J - b * kLutJb : kLutJb; }
+inline size_t lut_block_word(size_t G, size_t b) { return b * kLutJb * G * kLutRows; }  // first word of block b
+inline size_t lut_items(size_t G) { return (G + kLutItem - 1) / kLutItem; }  // items per block
+inline size_t lut_word(size_t J, size_t G, size_t b, size_t g, size_t j, size_t r) {
+  const size_t c = g / kLutItem, nc = G - c * kLutItem < kLutItem ? G - c * kLutItem : kLutItem;
+  return lut_block_word(G, b) + c * kLutItem * lut_width(J, b) * kLutRows + (j * nc + g % kLutItem) * kLutRows + r;
+}
 
-// tab (6·J·32 floats) for activations a[0..18·J) (caller zero-pads past K).
-using LutTables = void (*)(const float* a, size_t J, float* tab);
-// Y[n] = scale[n] · Σ_j,s tab[(6j+s)·32 + index(n, j, s)] for the rows n < N of slabs [b0, b1). Summation
-// order, the same in every variant (so they give the same bits): per K block, the even-s and the odd-s terms
-// in increasing (j, s) order into two sums, the even one starting from the previous blocks' total, then added.
-using LutKernel = void (*)(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_t b1, const float* scale,
-                           size_t N, float* Y);
+// tab (6·w·32 floats) for the w columns of activations a[0..18·w) (caller zero-pads past K).
+using LutTables = void (*)(const float* a, size_t w, float* tab);
+// P[16g + r] = Σ_j,s tab[(6j+s)·32 + index(g, j, s, r)] for the ng ≤ kLutItem groups of one item of a block of
+// width w (Wi: the item's first word). Summation order, the same in every variant (so they give the same bits):
+// the even-s and the odd-s terms in increasing (j, s) order into two sums from 0, then added. The op adds the
+// blocks' P in increasing b.
+using LutKernel = void (*)(const float* tab, size_t w, const uint32_t* Wi, size_t ng, float* P);
 
 // ---- act_quant at small M with a constant W: "digit rows". At kernel creation a constant W is repacked with each
 // trit's 2-bit code replaced by its digit d = t + 1 (0, 1, 2; same bit positions), rows padded with digit 0 to
@@ -110,7 +117,7 @@ struct Kernels {
 int32_t quantize_scalar(const float*, size_t, size_t, int8_t*, float*);
 
 void lut_tables_scalar(const float*, size_t, float*);
-void lut_scalar(const float*, size_t, const uint32_t*, size_t, size_t, const float*, size_t, float*);
+void lut_scalar(const float*, size_t, const uint32_t*, size_t, float*);
 
 void i8_digits_scalar(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, const float*,
                       float*, size_t);
@@ -124,7 +131,7 @@ bool i8_avx2(const int8_t*, const float*, const int32_t*, size_t, size_t, const 
 bool f32_avx512(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
 int32_t quantize_avx512(const float*, size_t, size_t, int8_t*, float*);
 void lut_tables_avx512(const float*, size_t, float*);
-void lut_avx512(const float*, size_t, const uint32_t*, size_t, size_t, const float*, size_t, float*);
+void lut_avx512(const float*, size_t, const uint32_t*, size_t, float*);
 bool i8_avx512(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
                const float*, float*, size_t);
 bool i8_avx512vnni(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,

@@ -169,19 +169,22 @@ inline __m512 lut_half(const float* x) {
   return e;
 }
 
-// io[g] += the sums of groups g < NG over the w ≤ kLutJb columns of one K block (Wl: group 0's first word in
-// the block, groups J·16 words apart), in lut_scalar's order. Each group's next K block is prefetched into L2:
-// with weights from DRAM the hardware prefetcher alone leaves the loop waiting (a group's run here is 2 KiB).
+// The sums of the NG groups of one item (ternary.h) of a block of width w, in lut_scalar's order, into
+// P[16g..16g+16). An item's column is NG adjacent lines, and items follow each other: the weights are one
+// sequential stream, prefetched kLutAhead bytes ahead (the hardware prefetcher alone leaves the loop waiting on
+// DRAM).
+constexpr size_t kLutAhead = 12288;
+
 template <int NG>
-inline void lut_block(const float* tab, size_t w, size_t J, const uint32_t* Wl, bool ahead, __m512* io) {
+inline void lut_item(const float* tab, size_t w, const uint32_t* Wi, float* P) {
   __m512 acc[NG][2];
-  for (int g = 0; g < NG; ++g) acc[g][0] = io[g], acc[g][1] = _mm512_setzero_ps();
-  for (size_t j = 0; j < w; ++j, tab += 6 * 32) {
+  for (int g = 0; g < NG; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+  for (size_t j = 0; j < w; ++j, tab += 6 * 32, Wi += NG * kLutRows) {
     __m512i x[NG];
     for (int g = 0; g < NG; ++g) {
-      const uint32_t* p = Wl + lut_word(J, g, j, 0);
-      x[g] = _mm512_loadu_si512(p);
-      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(p + kLutJb * kLutRows), _MM_HINT_T1);
+      x[g] = _mm512_loadu_si512(Wi + g * kLutRows);
+      asm("" : "+v"(x[g]));  // keep x in a register: folding the load into each shift re-reads it 6 times
+      _mm_prefetch(reinterpret_cast<const char*>(Wi + g * kLutRows) + kLutAhead, _MM_HINT_T1);
     }
 #define BMOE_LUT(s)                                                                                     \
   {                                                                                                     \
@@ -193,7 +196,7 @@ inline void lut_block(const float* tab, size_t w, size_t J, const uint32_t* Wl, 
     BMOE_LUT(0) BMOE_LUT(1) BMOE_LUT(2) BMOE_LUT(3) BMOE_LUT(4) BMOE_LUT(5)
 #undef BMOE_LUT
   }
-  for (int g = 0; g < NG; ++g) io[g] = _mm512_add_ps(acc[g][0], acc[g][1]);
+  for (int g = 0; g < NG; ++g) _mm512_storeu_ps(P + kLutRows * g, _mm512_add_ps(acc[g][0], acc[g][1]));
 }
 
 }  // namespace
@@ -205,32 +208,12 @@ void lut_tables_avx512(const float* a, size_t J, float* tab) {
   }
 }
 
-void lut_avx512(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_t b1, const float* scale, size_t N,
-                float* Y) {
-  const size_t G = lut_groups(N);
-  for (size_t b = b0; b < b1 && b * kLutSlab < G; ++b) {
-    const size_t g0 = b * kLutSlab, nb = std::min(kLutSlab, G - g0);
-    __m512 acc[kLutSlab];
-    for (size_t i = 0; i < nb; ++i) acc[i] = _mm512_setzero_ps();
-    for (size_t j0 = 0; j0 < J; j0 += kLutJb) {
-      const size_t w = std::min(kLutJb, J - j0);
-      const bool ahead = j0 + kLutJb < J;  // (past J a prefetch only touches the next group)
-      for (size_t i = 0; i < nb; i += 4) {
-        const uint32_t* p = Wl + lut_word(J, g0 + i, j0, 0);
-        const float* t = tab + 6 * 32 * j0;
-        switch (std::min<size_t>(4, nb - i)) {
-          case 4: lut_block<4>(t, w, J, p, ahead, acc + i); break;
-          case 3: lut_block<3>(t, w, J, p, ahead, acc + i); break;
-          case 2: lut_block<2>(t, w, J, p, ahead, acc + i); break;
-          default: lut_block<1>(t, w, J, p, ahead, acc + i); break;
-        }
-      }
-    }
-    for (size_t i = 0; i < nb; ++i) {
-      const size_t n = (g0 + i) * kLutRows, live = std::min<size_t>(kLutRows, N - n);
-      const __mmask16 m = static_cast<__mmask16>((1u << live) - 1);
-      _mm512_mask_storeu_ps(Y + n, m, _mm512_mul_ps(acc[i], _mm512_maskz_loadu_ps(m, scale + n)));
-    }
+void lut_avx512(const float* tab, size_t w, const uint32_t* Wi, size_t ng, float* P) {
+  switch (ng) {
+    case 4: lut_item<4>(tab, w, Wi, P); break;
+    case 3: lut_item<3>(tab, w, Wi, P); break;
+    case 2: lut_item<2>(tab, w, Wi, P); break;
+    default: lut_item<1>(tab, w, Wi, P); break;
   }
 }
 

@@ -69,7 +69,7 @@ bool base3_to_2bit(const uint8_t* in, size_t Kb3, uint8_t* out, size_t Kb2) {
 // A constant W repacked at kernel creation in the LUT layout (ternary.h).
 struct LutWeights {
   size_t N = 0, J = 0, G = 0;
-  std::vector<uint32_t> w;  // G·J·16 words
+  std::vector<uint32_t> w;  // G·J·16 words, block after block
   bool bad = false;         // an invalid code anywhere in W (reported by every Run)
 };
 
@@ -110,7 +110,7 @@ void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L
       uint32_t word = 0;
       for (size_t s = 0; s < 6; ++s)
         word |= static_cast<uint32_t>(x[3 * s] + 3 * x[3 * s + 1] + 9 * x[3 * s + 2]) << (5 * s);
-      L.w[lut_word(L.J, n / kLutRows, j, n % kLutRows)] = word;
+      L.w[lut_word(L.J, L.G, j / kLutJb, n / kLutRows, j % kLutJb, n % kLutRows)] = word;
     }
   }
   L.bad = bad != 0;
@@ -162,17 +162,29 @@ double time_decode(const Kernels& kern, bool act_quant) {
   std::vector<float> a(kLutK * lut_cols(K), 0.f), y(N), scale(N, 1.f);  // zero-padded for the LUT tables
   for (size_t k = 0; k < K; ++k) a[k] = static_cast<float>(static_cast<int>(k % 17) - 8);
   LutWeights lut;
-  std::vector<float> tabs;
+  std::vector<float> tabs, part;
   std::vector<int8_t> q(K);
   if (!act_quant && kern.lut) {
     lut_repack(w.data(), N, Kb, K, lut);
-    tabs.resize(6 * lut.J * 32 + 16);
+    tabs.resize(6 * kLutJb * 32 + 16);
+    part.resize(lut_blocks(lut.J) * lut.G * kLutRows);
   }
   float* tab = tabs.data() + (16 - reinterpret_cast<uintptr_t>(tabs.data()) / sizeof(float) % 16) % 16;
   auto product = [&] {
-    if (!act_quant && kern.lut) {
-      kern.lut_tables(a.data(), lut.J, tab);
-      kern.lut(tab, lut.J, lut.w.data(), 0, lut_slabs(N), scale.data(), N, y.data());
+    if (!act_quant && kern.lut) {  // as Kernel::compute's LUT path, on one thread
+      const size_t B = lut_blocks(lut.J), rows = lut.G * kLutRows;
+      for (size_t b = 0; b < B; ++b) {
+        kern.lut_tables(a.data() + kLutK * kLutJb * b, lut_width(lut.J, b), tab);
+        const size_t w = lut_width(lut.J, b);
+        for (size_t g = 0; g < lut.G; g += kLutItem)
+          kern.lut(tab, w, lut.w.data() + lut_block_word(lut.G, b) + g * w * kLutRows, std::min(kLutItem, lut.G - g),
+                   part.data() + b * rows + g * kLutRows);
+      }
+      for (size_t n = 0; n < N; ++n) {
+        float acc = part[n];
+        for (size_t b = 1; b < B; ++b) acc += part[b * rows + n];
+        y[n] = scale[n] * acc;
+      }
     } else if (act_quant) {
       float qs = 0.f;
       const int32_t qsum = kern.quantize(a.data(), K, K, q.data(), &qs);
@@ -226,7 +238,72 @@ struct Kernel {
   std::unique_ptr<DigitWeights> digits;  // constant W as digit rows (act_quant), when the variant has that path
 
   void compute(OrtKernelContext* ctx) const;
+  void lut_product(const float* a, size_t M, const float* sc, float* Y, const OrtApi* api,
+                   OrtKernelContext* ctx) const;
 };
+
+// Rows of Y per item of the LUT path's final sum over K blocks.
+constexpr size_t kLutSumRows = 256;
+
+// Y = scale · Σ_b P_b over the LUT layout, M ≤ kLutMaxM. Work items are the layout's items (ternary.h: 4 groups
+// of one K block, 8 KiB of weights at full width; fine enough that the last ones balance the threads), in memory
+// order; a task claims runs of them (ort_glue.h) and builds a block's tables (24 KiB a row of A, in L1)
+// when its run enters that block, so each thread reads one sequential stream of weights and only the tables of
+// the blocks it works on (no table shared between threads, no wait before the products). Each item writes its
+// rows' partial sums P_b; a second phase adds them over b in increasing order, so the result does not depend
+// on the thread count.
+void Kernel::lut_product(const float* a, size_t M, const float* sc, float* Y, const OrtApi* api,
+                         OrtKernelContext* ctx) const {
+  const size_t N = lut->N, J = lut->J, G = lut->G, B = lut_blocks(J), kl = kLutK * J, rows = G * kLutRows;
+  const size_t k = static_cast<size_t>(K);
+  const size_t items = lut_items(G), tf = 6 * kLutJb * 32;
+  // Per-thread scratch reused across calls (a fresh block per call would be mmap'ed and page-faulted every time).
+  // Only this call's tasks use the caller's, through these pointers, and the caller waits for them.
+  thread_local std::vector<float> scratch;
+  const size_t need = M * kl + B * M * rows + 16;
+  if (scratch.size() < need) scratch.resize(need);
+  float* xa = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) % 16) % 16;
+  float* part = xa + M * kl;  // P[b][m][rows]
+  for (size_t m = 0; m < M; ++m) {
+    std::copy(a + m * k, a + (m + 1) * k, xa + m * kl);
+    std::fill(xa + m * kl + k, xa + (m + 1) * kl, 0.f);
+  }
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = ++calls;
+  auto run = [&](size_t i0, size_t i1) {
+    // This thread's tables: of block `b`, built for call `call` (a stale pair never matches).
+    thread_local struct {
+      uint64_t call = 0;
+      size_t b = 0;
+      std::vector<float> buf;
+    } t;
+    if (t.buf.size() < kLutMaxM * tf + 16) t.buf.resize(kLutMaxM * tf + 16);
+    float* tab = t.buf.data() + (16 - reinterpret_cast<uintptr_t>(t.buf.data()) / sizeof(float) % 16) % 16;
+    for (size_t i = i0; i < i1; ++i) {
+      const size_t b = i / items, g0 = i % items * kLutItem, ng = std::min(kLutItem, G - g0);
+      const size_t w = lut_width(J, b);
+      if (t.call != call || t.b != b) {
+        for (size_t m = 0; m < M; ++m) kern.lut_tables(xa + m * kl + kLutK * kLutJb * b, w, tab + m * tf);
+        t.call = call, t.b = b;
+      }
+      const uint32_t* Wb = lut->w.data() + lut_block_word(G, b) + g0 * w * kLutRows;
+      for (size_t m = 0; m < M; ++m) kern.lut(tab + m * tf, w, Wb, ng, part + (b * M + m) * rows + g0 * kLutRows);
+    }
+  };
+  auto sum = [&](size_t i) {
+    const size_t n0 = i * kLutSumRows, nc = std::min(N, n0 + kLutSumRows) - n0;
+    float acc[kLutSumRows];
+    for (size_t m = 0; m < M; ++m) {
+      std::copy(part + m * rows + n0, part + m * rows + n0 + nc, acc);
+      for (size_t b = 1; b < B; ++b) {
+        const float* p = part + (b * M + m) * rows + n0;
+        for (size_t n = 0; n < nc; ++n) acc[n] += p[n];
+      }
+      for (size_t n = 0; n < nc; ++n) Y[m * N + n0 + n] = sc[n0 + n] * acc[n];
+    }
+  };
+  parallel_claim(api, ctx, B * items, run, (N + kLutSumRows - 1) / kLutSumRows, sum);
+}
 
 // Bytes per packed row of K trits: ceil(K/5) or ceil(K/4), without overflow for any K >= 0.
 int64_t packed_row_bytes(int64_t K, bool base3) { return base3 ? K / 5 + (K % 5 != 0) : K / 4 + (K % 4 != 0); }
@@ -306,28 +383,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   if (lut && !act_quant && M <= kLutMaxM) {
     if (lut->bad) throw OpError(bad_msg);
     if (M == 0) return;
-    const size_t J = lut->J, tf = 6 * J * 32, kl = kLutK * J, blocks = (J + kLutJb - 1) / kLutJb;
-    // Per-thread scratch reused across calls (a fresh 175 KB block per call would be mmap'ed and
-    // page-faulted every time). Only this call's tasks use it, and the calling thread waits for them.
-    thread_local std::vector<float> scratch;
-    const size_t need = M * (tf + kl) + 16;
-    if (scratch.size() < need) scratch.assign(need, 0.f);
-    float* tabs = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) % 16) % 16;
-    float* xa = tabs + M * tf;  // A zero-padded to 18·J
-    for (size_t m = 0; m < M; ++m) {
-      std::copy(a + m * k, a + (m + 1) * k, xa + m * kl);
-      std::fill(xa + m * kl + k, xa + (m + 1) * kl, 0.f);
-    }
-    // First the tables, a K block of one row of A an item (the build is ~15% of a call at 8 threads when one thread
-    // does it), then one item a slab (16 row groups, 256 rows of W).
-    auto table = [&](size_t i) {
-      const size_t m = i / blocks, j0 = i % blocks * kLutJb;
-      kern.lut_tables(xa + m * kl + kLutK * j0, std::min(kLutJb, J - j0), tabs + m * tf + 6 * 32 * j0);
-    };
-    auto slab = [&](size_t b) {
-      for (size_t m = 0; m < M; ++m) kern.lut(tabs + m * tf, J, lut->w.data(), b, b + 1, sc, N, Y + m * N);
-    };
-    parallel_claim(api, ctx, M * blocks, table, lut_slabs(N), slab);
+    lut_product(a, M, sc, Y, api, ctx);
     return;
   }
 

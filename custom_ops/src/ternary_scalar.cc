@@ -102,21 +102,15 @@ void lut_tables_scalar(const float* a, size_t J, float* tab) {
   }
 }
 
-void lut_scalar(const float* tab, size_t J, const uint32_t* Wl, size_t b0, size_t b1, const float* scale, size_t N,
-                float* Y) {
-  const size_t G = lut_groups(N);
-  for (size_t g = b0 * kLutSlab; g < G && g < b1 * kLutSlab; ++g)
-    for (size_t r = 0; r < kLutRows && g * kLutRows + r < N; ++r) {
-      float acc = 0.f;
-      for (size_t j0 = 0; j0 < J; j0 += kLutJb) {
-        float sum[2] = {acc, 0.f};  // even and odd s
-        for (size_t j = j0; j < J && j < j0 + kLutJb; ++j) {
-          const uint32_t w = Wl[lut_word(J, g, j, r)];
-          for (size_t s = 0; s < 6; ++s) sum[s & 1] += tab[(6 * j + s) * 32 + ((w >> (5 * s)) & 31u)];
-        }
-        acc = sum[0] + sum[1];
+void lut_scalar(const float* tab, size_t w, const uint32_t* Wi, size_t ng, float* P) {
+  for (size_t g = 0; g < ng; ++g)
+    for (size_t r = 0; r < kLutRows; ++r) {
+      float sum[2] = {0.f, 0.f};  // even and odd s
+      for (size_t j = 0; j < w; ++j) {
+        const uint32_t word = Wi[(j * ng + g) * kLutRows + r];
+        for (size_t s = 0; s < 6; ++s) sum[s & 1] += tab[(6 * j + s) * 32 + ((word >> (5 * s)) & 31u)];
       }
-      Y[g * kLutRows + r] = scale[g * kLutRows + r] * acc;
+      P[g * kLutRows + r] = sum[0] + sum[1];
     }
 }
 
