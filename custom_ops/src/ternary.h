@@ -31,9 +31,13 @@ using F32Kernel = bool (*)(const float* A, size_t M, size_t Kp, const uint8_t* W
 using I8Kernel = bool (*)(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M, size_t Kp,
                           const uint8_t* W, size_t Kb, size_t N, const float* scale, float* Y, size_t ldy);
 
-// act_quant's row quantization (docs/ops.md): a[0..K) → q[0..Kp) in qpos order (zeros past K),
-// *qscale = max|a| / 127 (0 for an all-zero row, then q is all 0); returns Σ q. Bit-identical in every variant.
-using Quantize = int32_t (*)(const float* a, size_t K, size_t Kp, int8_t* q, float* qscale);
+// act_quant's row quantization (docs/ops.md) in two steps, so that the second can be split over threads:
+// abs_max(a, K) = max|a[k]| (NaN skipped); then, with s = abs_max / 127 > 0, quantize_range(a, k0, k1, K, s, q)
+// writes q[qpos(k)] = round(a[k] / s) clamped for k in [k0, k1) (k0, k1: multiples of 16; zeros for k ≥ K) and
+// returns their sum. Bit-identical in every variant.
+using AbsMax = float (*)(const float* a, size_t K);
+using QuantizeRange = int32_t (*)(const float* a, size_t k0, size_t k1, size_t K, float s, int8_t* q);
+constexpr size_t kQuantRange = 2048;  // activations per quantization item of the op
 
 // fn(m0, std::integral_constant<int, R>) over rows [0, M): blocks of R = Max rows, then one block of
 // the M % Max left, so register-blocked kernels get their row count as a compile-time constant.
@@ -110,11 +114,13 @@ struct Kernels {
   I8Kernel i8;
   LutTables lut_tables;  // nullptr: the variant has no LUT path
   LutKernel lut;
-  Quantize quantize;
+  AbsMax abs_max;
+  QuantizeRange quantize_range;
   I8Digits i8_digits;  // nullptr: the variant has no digit-row path (act_quant then reads the 2-bit rows)
 };
 
-int32_t quantize_scalar(const float*, size_t, size_t, int8_t*, float*);
+float abs_max_scalar(const float*, size_t);
+int32_t quantize_range_scalar(const float*, size_t, size_t, size_t, float, int8_t*);
 
 void lut_tables_scalar(const float*, size_t, float*);
 void lut_scalar(const float*, size_t, const uint32_t*, size_t, float*);
@@ -129,7 +135,8 @@ bool f32_avx2(const float*, size_t, size_t, const uint8_t*, size_t, size_t, cons
 bool i8_avx2(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,
              const float*, float*, size_t);
 bool f32_avx512(const float*, size_t, size_t, const uint8_t*, size_t, size_t, const float*, float*, size_t);
-int32_t quantize_avx512(const float*, size_t, size_t, int8_t*, float*);
+float abs_max_avx512(const float*, size_t);
+int32_t quantize_range_avx512(const float*, size_t, size_t, size_t, float, int8_t*);
 void lut_tables_avx512(const float*, size_t, float*);
 void lut_avx512(const float*, size_t, const uint32_t*, size_t, float*);
 bool i8_avx512(const int8_t*, const float*, const int32_t*, size_t, size_t, const uint8_t*, size_t, size_t,

@@ -157,15 +157,20 @@ constexpr __mmask16 lut_mask() {  // lanes i of half h whose triple digit c is d
   return static_cast<__mmask16>(m);
 }
 
+template <int h, int c>
+inline __m512 lut_signs() {  // lane i: the trit (digit − 1) that digit c of index 16h + i stands for
+  return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(lut_mask<h, c, 2>(), _mm512_set1_ps(1.f)), lut_mask<h, c, 0>(),
+                            _mm512_set1_ps(-1.f));
+}
+
 template <int h>
 inline __m512 lut_half(const float* x) {
+  // Per digit c one masked FMA: ±1 · x[c] + e is exactly e ± x[c] rounded once (as lut_tables_scalar's add or
+  // subtract), and lanes whose digit is 1 (a zero trit) are skipped.
   __m512 e = _mm512_setzero_ps();
-  e = _mm512_mask_add_ps(e, lut_mask<h, 0, 2>(), e, _mm512_set1_ps(x[0]));
-  e = _mm512_mask_sub_ps(e, lut_mask<h, 0, 0>(), e, _mm512_set1_ps(x[0]));
-  e = _mm512_mask_add_ps(e, lut_mask<h, 1, 2>(), e, _mm512_set1_ps(x[1]));
-  e = _mm512_mask_sub_ps(e, lut_mask<h, 1, 0>(), e, _mm512_set1_ps(x[1]));
-  e = _mm512_mask_add_ps(e, lut_mask<h, 2, 2>(), e, _mm512_set1_ps(x[2]));
-  e = _mm512_mask_sub_ps(e, lut_mask<h, 2, 0>(), e, _mm512_set1_ps(x[2]));
+  e = _mm512_mask3_fmadd_ps(lut_signs<h, 0>(), _mm512_set1_ps(x[0]), e, lut_mask<h, 0, 0>() | lut_mask<h, 0, 2>());
+  e = _mm512_mask3_fmadd_ps(lut_signs<h, 1>(), _mm512_set1_ps(x[1]), e, lut_mask<h, 1, 0>() | lut_mask<h, 1, 2>());
+  e = _mm512_mask3_fmadd_ps(lut_signs<h, 2>(), _mm512_set1_ps(x[2]), e, lut_mask<h, 2, 0>() | lut_mask<h, 2, 2>());
   return e;
 }
 
@@ -217,25 +222,24 @@ void lut_avx512(const float* tab, size_t w, const uint32_t* Wi, size_t ng, float
   }
 }
 
-int32_t quantize_avx512(const float* a, size_t K, size_t Kp, int8_t* q, float* qscale) {
-  std::memset(q, 0, Kp);
+float abs_max_avx512(const float* a, size_t K) {
   const __m512 sign = _mm512_set1_ps(-0.f);
   __m512 mx = _mm512_setzero_ps();
   size_t i = 0;
   for (; i + 16 <= K; i += 16) mx = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(a + i)), mx);  // NaN: keeps mx
   const __mmask16 tail = static_cast<__mmask16>((1u << (K - i)) - 1);
   mx = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(tail, a + i)), mx);
-  const float amax = _mm512_reduce_max_ps(mx);
-  if (!(amax > 0.f)) {
-    *qscale = 0.f;
-    return 0;
-  }
-  const __m512 s = _mm512_set1_ps(*qscale = amax / 127.f), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  return _mm512_reduce_max_ps(mx);
+}
+
+int32_t quantize_range_avx512(const float* a, size_t k0, size_t k1, size_t K, float scale, int8_t* q) {
+  const __m512 sign = _mm512_set1_ps(-0.f), s = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f),
+               hi = _mm512_set1_ps(127.f);
   const __m128i by_shift = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   __m512i sum = _mm512_setzero_si512();
-  for (i = 0; i < K; i += 16) {  // 16 trits = packed bytes 4u..4u+3 of a chunk: 4 bytes at each shift plane
-    const __mmask16 m = K - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - i)) - 1);
-    // As quantize_scalar: v = a / s (exact division), NaN → −127 (max returns its second operand), clamp,
+  for (size_t i = k0; i < k1; i += 16) {  // 16 trits = packed bytes 4u..4u+3 of a chunk: 4 bytes at each shift plane
+    const __mmask16 m = i >= K ? 0 : K - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - i)) - 1);
+    // As quantize_range_scalar: v = a / s (exact division), NaN → −127 (max returns its second operand), clamp,
     // then round half away from zero: trunc(v) plus ±1 where |v − trunc(v)| ≥ 0.5 (all exact).
     __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, a + i), s);
     v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);

@@ -65,18 +65,19 @@ void i8_digits_scalar(const int8_t* Q, const float* qscale, const int32_t* qsum,
   }
 }
 
-int32_t quantize_scalar(const float* a, size_t K, size_t Kp, int8_t* q, float* qscale) {
-  std::fill(q, q + Kp, int8_t{0});
+float abs_max_scalar(const float* a, size_t K) {
   float part[8] = {};  // independent partial maxima: no serial maxss chain
   for (size_t i = 0; i < K; ++i) part[i % 8] = std::fabs(a[i]) > part[i % 8] ? std::fabs(a[i]) : part[i % 8];
-  const float amax = *std::max_element(part, part + 8);  // NaN never enters a partial
-  if (!(amax > 0.f)) {  // all-zero row: Y row is 0 (set by the caller)
-    *qscale = 0.f;
-    return 0;
-  }
-  const float s = *qscale = amax / 127.f;
+  return *std::max_element(part, part + 8);  // NaN never enters a partial
+}
+
+int32_t quantize_range_scalar(const float* a, size_t k0, size_t k1, size_t K, float s, int8_t* q) {
   int32_t sum = 0;
-  for (size_t i = 0; i < K; ++i) {
+  for (size_t i = k0; i < k1; ++i) {
+    if (i >= K) {
+      q[qpos(i)] = 0;
+      continue;
+    }
     // Clamp first (written so that NaN also lands in range and the cast is defined), then
     // round half away from zero: exact in double.
     float v = a[i] / s;
