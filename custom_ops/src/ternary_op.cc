@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdint>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -147,6 +148,72 @@ void digits_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, DigitWeigh
   D.bad = bad != 0;
 }
 
+// Y = scale · Σ_b P_b on the LUT layout, for M ≤ kLutMaxM rows of A. Work items are the layout's items
+// (ternary.h: 4 groups of one K block, 8 KiB of weights at full width; fine enough that the last ones balance the
+// threads), in memory order. The op's tasks claim runs of them (ort_glue.h) and build a block's tables (24 KiB a
+// row of A, in L1) when a run enters that block, so each thread reads one sequential stream of weights and only
+// the tables of the blocks it works on (no table shared between threads, no wait before the products). Each item
+// writes its rows' partial sums P_b; `sum` adds them over b in increasing order, so the result does not depend
+// on the thread count.
+struct LutProduct {
+  static constexpr size_t kSumRows = 256;  // rows of Y per item of `sum`
+  static constexpr size_t kTableFloats = 6 * kLutJb * 32;
+  const Kernels& kern;
+  const LutWeights& lut;
+  size_t M;
+  float* xa;    // A zero-padded to 18·J per row
+  float* part;  // P[b][m][G·16]
+
+  size_t items() const { return lut_blocks(lut.J) * lut_items(lut.G); }
+  size_t sums() const { return (lut.N + kSumRows - 1) / kSumRows; }
+  // Floats of scratch for xa and part (plus 16 for alignment).
+  static size_t scratch(const LutWeights& L, size_t M) {
+    return M * kLutK * L.J + lut_blocks(L.J) * M * L.G * kLutRows + 16;
+  }
+  LutProduct(const Kernels& k, const LutWeights& L, const float* a, size_t K, size_t m, float* buf)
+      : kern(k), lut(L), M(m) {
+    const size_t kl = kLutK * L.J;
+    xa = buf + (16 - reinterpret_cast<uintptr_t>(buf) / sizeof(float) % 16) % 16;
+    part = xa + M * kl;
+    for (size_t r = 0; r < M; ++r) {
+      std::copy(a + r * K, a + (r + 1) * K, xa + r * kl);
+      std::fill(xa + r * kl + K, xa + (r + 1) * kl, 0.f);
+    }
+  }
+
+  // Items [i0, i1). tab: M · kTableFloats floats, 64-byte aligned; *tab_block: the block whose tables it holds
+  // for this product (SIZE_MAX: none).
+  void run(size_t i0, size_t i1, float* tab, size_t* tab_block) const {
+    const size_t items_b = lut_items(lut.G), rows = lut.G * kLutRows, kl = kLutK * lut.J;
+    for (size_t i = i0; i < i1; ++i) {
+      const size_t b = i / items_b, g0 = i % items_b * kLutItem, ng = std::min(kLutItem, lut.G - g0);
+      const size_t w = lut_width(lut.J, b);
+      if (*tab_block != b) {
+        for (size_t m = 0; m < M; ++m) kern.lut_tables(xa + m * kl + kLutK * kLutJb * b, w, tab + m * kTableFloats);
+        *tab_block = b;
+      }
+      const uint32_t* Wi = lut.w.data() + lut_block_word(lut.G, b) + g0 * w * kLutRows;
+      for (size_t m = 0; m < M; ++m)
+        kern.lut(tab + m * kTableFloats, w, Wi, ng, part + (b * M + m) * rows + g0 * kLutRows);
+    }
+  }
+
+  // Rows [i·kSumRows, (i+1)·kSumRows) of Y (M rows, ld N).
+  void sum(size_t i, const float* scale, float* Y) const {
+    const size_t N = lut.N, B = lut_blocks(lut.J), rows = lut.G * kLutRows;
+    const size_t n0 = i * kSumRows, nc = std::min(N, n0 + kSumRows) - n0;
+    float acc[kSumRows];
+    for (size_t m = 0; m < M; ++m) {
+      std::copy(part + m * rows + n0, part + m * rows + n0 + nc, acc);
+      for (size_t b = 1; b < B; ++b) {
+        const float* p = part + (b * M + m) * rows + n0;
+        for (size_t n = 0; n < nc; ++n) acc[n] += p[n];
+      }
+      for (size_t n = 0; n < nc; ++n) Y[m * N + n0 + n] = scale[n0 + n] * acc[n];
+    }
+  }
+};
+
 // ---- Kernel choice by measurement. Per mode (exact / act_quant) the variants this CPU runs are timed once per
 // process on a synthetic decode product (M=1, K=4096, N=256: 256 KiB of weights, in L2; well under 50 ms in all)
 // and the fastest is used; scalar, the reference, is a candidate only when it is the only one. The variants of a
@@ -161,36 +228,31 @@ double time_decode(const Kernels& kern, bool act_quant) {
     for (int i = 0; i < 4; ++i) x = x * 1664525u + 1013904223u, v |= static_cast<uint8_t>(((x >> 24) % 3) << (2 * i));
     b = v;
   }
-  std::vector<float> a(kLutK * lut_cols(K), 0.f), y(N), scale(N, 1.f);  // zero-padded for the LUT tables
+  std::vector<float> a(K), y(N), scale(N, 1.f);
   for (size_t k = 0; k < K; ++k) a[k] = static_cast<float>(static_cast<int>(k % 17) - 8);
+  // The path a decode product takes with a constant W: LUT layout (exact) or digit rows (act_quant), where the
+  // variant has it, else the 2-bit rows.
   LutWeights lut;
-  std::vector<float> tabs, part;
+  DigitWeights digits;
+  std::vector<float> buf, tabs(LutProduct::kTableFloats + 16);
   std::vector<int8_t> q(K);
   if (!act_quant && kern.lut) {
     lut_repack(w.data(), N, Kb, K, lut);
-    tabs.resize(6 * kLutJb * 32 + 16);
-    part.resize(lut_blocks(lut.J) * lut.G * kLutRows);
+    buf.resize(LutProduct::scratch(lut, 1));
   }
+  if (act_quant && kern.i8_digits) digits_repack(w.data(), N, Kb, K, digits);
   float* tab = tabs.data() + (16 - reinterpret_cast<uintptr_t>(tabs.data()) / sizeof(float) % 16) % 16;
   auto product = [&] {
-    if (!act_quant && kern.lut) {  // as Kernel::compute's LUT path, on one thread
-      const size_t B = lut_blocks(lut.J), rows = lut.G * kLutRows;
-      for (size_t b = 0; b < B; ++b) {
-        kern.lut_tables(a.data() + kLutK * kLutJb * b, lut_width(lut.J, b), tab);
-        const size_t w = lut_width(lut.J, b);
-        for (size_t g = 0; g < lut.G; g += kLutItem)
-          kern.lut(tab, w, lut.w.data() + lut_block_word(lut.G, b) + g * w * kLutRows, std::min(kLutItem, lut.G - g),
-                   part.data() + b * rows + g * kLutRows);
-      }
-      for (size_t n = 0; n < N; ++n) {
-        float acc = part[n];
-        for (size_t b = 1; b < B; ++b) acc += part[b * rows + n];
-        y[n] = scale[n] * acc;
-      }
+    if (!act_quant && kern.lut) {
+      const LutProduct p(kern, lut, a.data(), K, 1, buf.data());
+      size_t tab_block = SIZE_MAX;
+      p.run(0, p.items(), tab, &tab_block);
+      for (size_t i = 0; i < p.sums(); ++i) p.sum(i, scale.data(), y.data());
     } else if (act_quant) {
       const float qs = kern.abs_max(a.data(), K) / 127.f;  // a is not all zero
       const int32_t qsum = kern.quantize_range(a.data(), 0, K, K, qs, q.data());
-      kern.i8(q.data(), &qs, &qsum, 1, K, w.data(), Kb, N, scale.data(), y.data(), N);
+      if (kern.i8_digits) kern.i8_digits(q.data(), &qs, &qsum, 1, K, digits.d.data(), N, scale.data(), y.data(), N);
+      else kern.i8(q.data(), &qs, &qsum, 1, K, w.data(), Kb, N, scale.data(), y.data(), N);
     } else {
       kern.f32(a.data(), 1, K, w.data(), Kb, N, scale.data(), y.data(), N);
     }
@@ -240,72 +302,7 @@ struct Kernel {
   std::unique_ptr<DigitWeights> digits;  // constant W as digit rows (act_quant), when the variant has that path
 
   void compute(OrtKernelContext* ctx) const;
-  void lut_product(const float* a, size_t M, const float* sc, float* Y, const OrtApi* api,
-                   OrtKernelContext* ctx) const;
 };
-
-// Rows of Y per item of the LUT path's final sum over K blocks.
-constexpr size_t kLutSumRows = 256;
-
-// Y = scale · Σ_b P_b over the LUT layout, M ≤ kLutMaxM. Work items are the layout's items (ternary.h: 4 groups
-// of one K block, 8 KiB of weights at full width; fine enough that the last ones balance the threads), in memory
-// order; a task claims runs of them (ort_glue.h) and builds a block's tables (24 KiB a row of A, in L1)
-// when its run enters that block, so each thread reads one sequential stream of weights and only the tables of
-// the blocks it works on (no table shared between threads, no wait before the products). Each item writes its
-// rows' partial sums P_b; a second phase adds them over b in increasing order, so the result does not depend
-// on the thread count.
-void Kernel::lut_product(const float* a, size_t M, const float* sc, float* Y, const OrtApi* api,
-                         OrtKernelContext* ctx) const {
-  const size_t N = lut->N, J = lut->J, G = lut->G, B = lut_blocks(J), kl = kLutK * J, rows = G * kLutRows;
-  const size_t k = static_cast<size_t>(K);
-  const size_t items = lut_items(G), tf = 6 * kLutJb * 32;
-  // Per-thread scratch reused across calls (a fresh block per call would be mmap'ed and page-faulted every time).
-  // Only this call's tasks use the caller's, through these pointers, and the caller waits for them.
-  thread_local std::vector<float> scratch;
-  const size_t need = M * kl + B * M * rows + 16;
-  if (scratch.size() < need) scratch.resize(need);
-  float* xa = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) % 16) % 16;
-  float* part = xa + M * kl;  // P[b][m][rows]
-  for (size_t m = 0; m < M; ++m) {
-    std::copy(a + m * k, a + (m + 1) * k, xa + m * kl);
-    std::fill(xa + m * kl + k, xa + (m + 1) * kl, 0.f);
-  }
-  static std::atomic<uint64_t> calls{0};
-  const uint64_t call = ++calls;
-  auto run = [&](size_t i0, size_t i1) {
-    // This thread's tables: of block `b`, built for call `call` (a stale pair never matches).
-    thread_local struct {
-      uint64_t call = 0;
-      size_t b = 0;
-      std::vector<float> buf;
-    } t;
-    if (t.buf.size() < kLutMaxM * tf + 16) t.buf.resize(kLutMaxM * tf + 16);
-    float* tab = t.buf.data() + (16 - reinterpret_cast<uintptr_t>(t.buf.data()) / sizeof(float) % 16) % 16;
-    for (size_t i = i0; i < i1; ++i) {
-      const size_t b = i / items, g0 = i % items * kLutItem, ng = std::min(kLutItem, G - g0);
-      const size_t w = lut_width(J, b);
-      if (t.call != call || t.b != b) {
-        for (size_t m = 0; m < M; ++m) kern.lut_tables(xa + m * kl + kLutK * kLutJb * b, w, tab + m * tf);
-        t.call = call, t.b = b;
-      }
-      const uint32_t* Wb = lut->w.data() + lut_block_word(G, b) + g0 * w * kLutRows;
-      for (size_t m = 0; m < M; ++m) kern.lut(tab + m * tf, w, Wb, ng, part + (b * M + m) * rows + g0 * kLutRows);
-    }
-  };
-  auto sum = [&](size_t i) {
-    const size_t n0 = i * kLutSumRows, nc = std::min(N, n0 + kLutSumRows) - n0;
-    float acc[kLutSumRows];
-    for (size_t m = 0; m < M; ++m) {
-      std::copy(part + m * rows + n0, part + m * rows + n0 + nc, acc);
-      for (size_t b = 1; b < B; ++b) {
-        const float* p = part + (b * M + m) * rows + n0;
-        for (size_t n = 0; n < nc; ++n) acc[n] += p[n];
-      }
-      for (size_t n = 0; n < nc; ++n) Y[m * N + n0 + n] = sc[n0 + n] * acc[n];
-    }
-  };
-  parallel_claim(api, ctx, B * items, run, (N + kLutSumRows - 1) / kLutSumRows, sum);
-}
 
 // Bytes per packed row of K trits: ceil(K/5) or ceil(K/4), without overflow for any K >= 0.
 int64_t packed_row_bytes(int64_t K, bool base3) { return base3 ? K / 5 + (K % 5 != 0) : K / 4 + (K % 4 != 0); }
@@ -385,7 +382,24 @@ void Kernel::compute(OrtKernelContext* ctx) const {
   if (lut && !act_quant && M <= kLutMaxM) {
     if (lut->bad) throw OpError(bad_msg);
     if (M == 0) return;
-    lut_product(a, M, sc, Y, api, ctx);
+    // Per-thread scratch reused across calls (a fresh block per call would be mmap'ed and page-faulted every
+    // time). Only this call's tasks use the caller's, through `p`, and the caller waits for them.
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < LutProduct::scratch(*lut, M)) scratch.resize(LutProduct::scratch(*lut, M));
+    const LutProduct p(kern, *lut, a, k, M, scratch.data());
+    static std::atomic<uint64_t> calls{0};
+    const uint64_t call = ++calls;
+    auto run = [&](size_t i0, size_t i1) {
+      thread_local struct {  // this thread's tables: of block `b` in call `call` (a stale pair never matches)
+        uint64_t call = 0;
+        size_t b = SIZE_MAX;
+        std::vector<float> buf = std::vector<float>(kLutMaxM * LutProduct::kTableFloats + 16);
+      } t;
+      if (t.call != call) t.call = call, t.b = SIZE_MAX;
+      p.run(i0, i1, t.buf.data() + (16 - reinterpret_cast<uintptr_t>(t.buf.data()) / sizeof(float) % 16) % 16, &t.b);
+    };
+    auto sum = [&](size_t i) { p.sum(i, sc, Y); };
+    parallel_claim(api, ctx, p.items(), run, p.sums(), sum);
     return;
   }
 
