@@ -11,7 +11,8 @@ namespace ternary {
 namespace {
 
 // Weights from DRAM at decode: the hardware prefetcher alone leaves the row loop waiting on loads. Rows follow
-// each other, so running past a row's end prefetches the next one's start.
+// each other, so running past a row's end prefetches the next one's start. The digit-row kernel prefetches into
+// L2 (T1): a T0 prefetch holds one of a core's few L1 fill buffers for the whole DRAM latency.
 constexpr size_t kPrefetchBytes = 8192;
 
 template <int R>
@@ -47,7 +48,7 @@ constexpr size_t kSpanChunks = 8192;  // |acc + acc2 lane| ≤ 8192 · 2 · 4 ·
 template <int R>
 __attribute__((always_inline)) inline void digits_chunk(const int8_t* Q, size_t Kp, const uint8_t* row, size_t c,
                                                         __m512i (&acc)[R][4]) {
-  _mm_prefetch(reinterpret_cast<const char*>(row + 64 * c + kPrefetchBytes), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(row + 64 * c + kPrefetchBytes), _MM_HINT_T1);
   const __m512i x = _mm512_loadu_si512(row + 64 * c);
   for (int s = 0; s < 4; ++s) {
     const __m512i v = _mm512_and_si512(x, _mm512_set1_epi8(static_cast<char>(3 << (2 * s))));
