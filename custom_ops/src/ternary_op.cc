@@ -450,7 +450,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     a = apad;
   }
   // act_quant: the rows of A are quantized by the tasks (a range of kQuantRange activations an item) before the
-  // products; at 8 threads one thread quantizing a 14336-wide row took ~4 % of a decode product.
+  // products; at 8 threads one thread quantizing a 14336-wide row took ~3-4 % of a decode product.
   auto quantize = [&](size_t i0, size_t i1) {
     for (size_t i = i0; i < i1; ++i) {
       const size_t m = i / ranges, k0 = i % ranges * kQuantRange;
@@ -481,7 +481,11 @@ void Kernel::compute(OrtKernelContext* ctx) const {
                                : kern.f32(a + m0 * Kp, mc, Kp, w2 + n0 * Kb2, Kb2, nc, sc + n0, Y + m0 * N + n0, N);
       if (b) bad = true;
     };
-    parallel_claim(api, ctx, act_quant ? M * ranges : 0, quantize, mt * nt, task);
+    // A split quantization costs a barrier between the phases (~3 µs at 2-8 threads on the 16-core host): worth
+    // it only for more than 2 ranges (e.g. K = 14336: 7), so shorter rows are quantized here.
+    const size_t qitems = act_quant ? M * ranges : 0, split = qitems > 2 ? qitems : 0;
+    if (!split) quantize(0, qitems);
+    parallel_claim(api, ctx, split, quantize, mt * nt, task);
   } else if (!base3 && !use_digits) {  // no product to detect invalid codes during: scan the bytes
     const uint8_t* p = w2;
     unsigned acc = 0;
