@@ -101,7 +101,7 @@ using LutKernel = void (*)(const float* tab, size_t w, const uint32_t* Wi, size_
 
 // ---- act_quant at small M with a constant W: "digit rows". At kernel creation a constant W is repacked with each
 // trit's 2-bit code replaced by its digit d = t + 1 (0, 1, 2; same bit positions), rows padded with digit 0 to
-// kDigitRowBytes(K) bytes (whole 256-trit chunks, met by Q = 0). A byte masked with 3 << 2s is then d · 4^s, a
+// digit_row_bytes(K) bytes (whole 256-trit chunks, met by Q = 0). A byte masked with 3 << 2s is then d · 4^s, a
 // valid unsigned multiplier, so a kernel needs one AND per 64 trits where 2-bit codes need a shift and a lookup.
 // Same contract as I8Kernel (Σ_k d·Q − qsum = Σ_k t·Q, exact in wrapping int32; same bits), W = digit rows.
 constexpr size_t kDigitsMaxM = 7;  // from 8 rows of A the int8 GEMM (decoding panels once for all rows) wins

@@ -1,7 +1,8 @@
 // TernaryMatMul, AVX-512 (F/BW/DQ/VL). fp32: trits → ±1.0f in registers
 // (variable shift + 16-entry vpermps table), FMA into up to 8 rows of A at once
 // so one decode serves 8 rows. int8 (no VNNI): trits → t+1 ∈ {0,1,2} bytes,
-// vpmaddubsw against int8 activations, Σq subtracted at the end.
+// vpmaddubsw against int8 activations, Σq subtracted at the end. Exact fp32 at small M with a constant W: the LUT
+// path (ternary.h), one permute per trit triple of 16 rows.
 #include <immintrin.h>
 
 #include <algorithm>
