@@ -69,6 +69,9 @@ bool base3_to_2bit(const uint8_t* in, size_t Kb3, uint8_t* out, size_t Kb2) {
   return bad == 0;
 }
 
+// The first 64-byte-aligned float of a buffer allocated with 16 floats to spare (the AVX-512 kernels' tables).
+float* align64(float* p) { return p + (16 - reinterpret_cast<uintptr_t>(p) / sizeof(float) % 16) % 16; }
+
 // A constant W repacked at kernel creation in the LUT layout (ternary.h).
 struct LutWeights {
   size_t N = 0, J = 0, G = 0;
@@ -173,7 +176,7 @@ struct LutProduct {
   LutProduct(const Kernels& k, const LutWeights& L, const float* a, size_t K, size_t m, float* buf)
       : kern(k), lut(L), M(m) {
     const size_t kl = kLutK * L.J;
-    xa = buf + (16 - reinterpret_cast<uintptr_t>(buf) / sizeof(float) % 16) % 16;
+    xa = align64(buf);
     part = xa + M * kl;
     for (size_t r = 0; r < M; ++r) {
       std::copy(a + r * K, a + (r + 1) * K, xa + r * kl);
@@ -241,7 +244,7 @@ double time_decode(const Kernels& kern, bool act_quant) {
     buf.resize(LutProduct::scratch(lut, 1));
   }
   if (act_quant && kern.i8_digits) digits_repack(w.data(), N, Kb, K, digits);
-  float* tab = tabs.data() + (16 - reinterpret_cast<uintptr_t>(tabs.data()) / sizeof(float) % 16) % 16;
+  float* tab = align64(tabs.data());
   auto product = [&] {
     if (!act_quant && kern.lut) {
       const LutProduct p(kern, lut, a.data(), K, 1, buf.data());
@@ -396,7 +399,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
         std::vector<float> buf = std::vector<float>(kLutMaxM * LutProduct::kTableFloats + 16);
       } t;
       if (t.call != call) t.call = call, t.b = SIZE_MAX;
-      p.run(i0, i1, t.buf.data() + (16 - reinterpret_cast<uintptr_t>(t.buf.data()) / sizeof(float) % 16) % 16, &t.b);
+      p.run(i0, i1, align64(t.buf.data()), &t.b);
     };
     auto sum = [&](size_t i) { p.sum(i, sc, Y); };
     parallel_claim(api, ctx, p.items(), run, p.sums(), sum);
@@ -483,9 +486,10 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     };
     // A split quantization costs a barrier between the phases (~3 µs at 2-8 threads on the 16-core host): worth
     // it only for more than 2 ranges (e.g. K = 14336: 7), so shorter rows are quantized here.
-    const size_t qitems = act_quant ? M * ranges : 0, split = qitems > 2 ? qitems : 0;
+    const size_t qitems = act_quant ? M * ranges : 0;
+    const bool split = qitems > 2;
     if (!split) quantize(0, qitems);
-    parallel_claim(api, ctx, split, quantize, mt * nt, task);
+    parallel_claim(api, ctx, split ? qitems : 0, quantize, mt * nt, task);
   } else if (!base3 && !use_digits) {  // no product to detect invalid codes during: scan the bytes
     const uint8_t* p = w2;
     unsigned acc = 0;
