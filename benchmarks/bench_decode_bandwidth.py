@@ -7,13 +7,18 @@ at least --llc-factor × the last-level cache (read from sysfs); one session run
 node reads its weights from DRAM. Time per matmul = run time / R. Streaming read: T Python threads each taking
 np.max of its slice of one large float32 array (a SIMD reduction that releases the GIL; faster than np.sum's
 pairwise summation), the same T as the sessions' intra-op threads.
-Medians of --reps runs with the min-max spread; the CPU, the LLC and the threads are printed.
+Paired rounds: a shared host's bandwidth drifts over seconds, so per shape and T the read and every implementation
+are timed in turn, --reps rounds (the implementations' order rotating), and "% of read" is the median over rounds of
+each round's GB/s over that round's read, with its min-max. Medians of --reps runs with the min-max spread; the CPU,
+the LLC and the threads are printed.
 
 Needs only numpy and onnxruntime (the ONNX models are written by a small protobuf encoder below, so the `onnx`
 package is not needed) and libbmoe_ops.so: $BMOE_OPS_LIB, else the installed bmoe_runtime's library.
 
     BMOE_OPS_LIB=build/libbmoe_ops.so python3 benchmarks/bench_decode_bandwidth.py [--threads 1,2,4,8]
         [--shapes 14336x4096,4096x4096] [--reps 15] [--out runs/bench/decode_bandwidth.md] [--json out.json] [--pin]
+
+Two builds of the library in the same paired rounds: --lib old=path/to/old.so --impls ternary,ternary/old.
 
 --pin runs each thread count T on T distinct physical cores (one logical CPU of each, from sysfs): the process's
 affinity is set before that T's streaming read and before its sessions are created (ORT's pool threads inherit it).
@@ -35,8 +40,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads spin after use; nothing here needs them
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
 
 from results import cpu_model  # benchmarks/ is the script's directory; stdlib only
 
@@ -164,9 +170,14 @@ def pack_2bit(trits: np.ndarray) -> np.ndarray:
     return (codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6).astype(np.uint8)
 
 
+def base_impl(impl: str) -> str:
+    """`ternary` of a column name `ternary@avx2/old` (IMPL[@VARIANT][/LIB])."""
+    return impl.split("/")[0].split("@")[0]
+
+
 def read_bytes(impl: str, k: int, n: int) -> int:
     """Weight bytes one M=1 product streams."""
-    impl = impl.split("@")[0]
+    impl = base_impl(impl)
     if impl == "ternary":  # exact M ≤ 4 reads the LUT-repacked weights (ternary.h): 4 B per 18 trits, 16-row groups
         return (n + 15) // 16 * 16 * (-(-k // 18)) * 4
     if impl == "ternary_aq":  # the 2-bit rows
@@ -177,8 +188,8 @@ def read_bytes(impl: str, k: int, n: int) -> int:
 
 
 def impl_model(impl: str, k: int, n: int, r: int, rng) -> bytes:
-    impl = impl.split("@")[0]
     """R nodes of `impl` reading A, each with its own weights (rows rotated: distinct contents, nothing shared)."""
+    impl = base_impl(impl)
     nodes, inits = [], {}
     if impl.startswith("ternary"):
         w = pack_2bit(rng.integers(-1, 2, (n, k)).astype(np.int8))
@@ -223,6 +234,7 @@ def _session(model: bytes, threads: int, lib: str) -> ort.InferenceSession:
 
 
 def timed(fn, reps: int) -> list[float]:
+    quiesce()
     fn()
     out = []
     for _ in range(reps):
@@ -230,6 +242,17 @@ def timed(fn, reps: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def quiesce(limit: float = 0.5) -> None:
+    """Wait until this process's threads are idle: ORT's pool threads spin for tens of ms after a run (on the cores
+    the next session is pinned to), which halved the next session's speed at 2-8 threads in paired rounds."""
+    end = time.perf_counter() + limit
+    while time.perf_counter() < end:
+        c0 = sum(os.times()[:2])
+        time.sleep(0.005)
+        if sum(os.times()[:2]) - c0 < 0.001:
+            return
 
 
 def stream_read_gbs(buf: np.ndarray, threads: int, reps: int) -> list[float]:
@@ -257,7 +280,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="14336x4096,4096x4096", help="K×N of the decode matmuls")
     ap.add_argument("--impls", default="ternary,ternary_aq,fp32,nbits4",
                     help="ternary (exact), ternary_aq (act_quant=1), fp32 (MatMul), nbits4 (MatMulNBits); "
-                         "ternary@avx2 etc. force a kernel variant (BMOE_KERNEL) for that column")
+                         "ternary@avx2 etc. force a kernel variant (BMOE_KERNEL) for that column, ternary/NAME "
+                         "runs it with the library --lib NAME=PATH (builds compared in the same paired rounds)")
+    ap.add_argument("--lib", action="append", default=[], metavar="NAME=PATH",
+                    help="another build of libbmoe_ops.so, for the columns IMPL/NAME")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--llc-factor", type=float, default=2.0, help="weight set size per implementation, × the LLC")
     ap.add_argument("--min-set-mib", type=float, default=256)
@@ -269,6 +295,15 @@ def main() -> None:
     args = ap.parse_args()
 
     lib = ops_library()
+    libs = {name: path for name, _, path in (x.partition("=") for x in args.lib)}
+    if not all(libs.values()):
+        ap.error("--lib takes NAME=PATH")
+
+    def column_session(impl: str, model: bytes, t: int) -> ort.InferenceSession:
+        name = impl.partition("/")[2]
+        if name and name not in libs:
+            sys.exit(f"column {impl}: no --lib {name}=PATH")
+        return session(model, t, libs[name] if name else lib, impl.split("/")[0].partition("@")[2])
     cores = physical_cores() if args.pin else None
     cpus = len(cores) if cores else len(os.sched_getaffinity(0))
     threads = [t for t in (int(x) for x in args.threads.split(",")) if t <= cpus]
@@ -286,8 +321,9 @@ def main() -> None:
     print("\n".join(head), flush=True)
     report = {"cpu": cpu_model(), "cpus": cpus, "llc_bytes": llc, "set_bytes": set_bytes, "onnxruntime": ort.__version__,
               "library": lib, "library_sha256": hashlib.sha256(Path(lib).read_bytes()).hexdigest(),
+              "libraries": {n: [p, hashlib.sha256(Path(p).read_bytes()).hexdigest()] for n, p in libs.items()},
               "bmoe_kernel": os.environ.get("BMOE_KERNEL", ""), "pinned_cores": pinned,
-              "reps": args.reps, "stream_read_gbs": {}, "decode": [], "prefill": []}
+              "reps": args.reps, "decode": [], "prefill": []}
     t_start = time.perf_counter()
 
     def save() -> None:  # after every measurement, so that a run cut short by a time limit keeps what it measured
@@ -298,15 +334,6 @@ def main() -> None:
             args.json.write_text(json.dumps(report, indent=1))
 
     big = np.ones(int(max(set_bytes, 512 * 2**20)) // 4, np.float32)  # streaming-read buffer
-    read = {}
-    for t in threads:
-        pin(t, cores)
-        read[t] = stream_read_gbs(big, t, args.reps)
-        report["stream_read_gbs"][t] = read[t]
-        save()
-    del big
-    for t in threads:
-        print(f"streaming read, {t} threads: {fmt(read[t])} GB/s", flush=True)
 
     prefill_lines: list[str] = []
     if not args.no_prefill:  # compute-bound: one weight, in cache; first, as the cheapest part
@@ -331,46 +358,55 @@ def main() -> None:
         f"{i} µs | {i} GB/s | {i} % of read | {i} GB/s in LLC" for i in impls) + " |",
         "|---|---|---|" + "---|---|---|---|" * len(impls)]
     for k, n in shapes:
-        res: dict[tuple[str, int], tuple[list[float], int]] = {}
-        model, built = b"", None
+        a = {"A": rng.standard_normal((1, k)).astype(np.float32)}
+        graphs: dict[str, tuple[bytes, int, bytes, int]] = {}  # impl → (DRAM graph, its nodes, LLC graph, its nodes)
         for impl in impls:
-            per_read = read_bytes(impl, k, n)
+            base, per_read = base_impl(impl), read_bytes(impl, k, n)
             r = max(2, int(-(-set_bytes // per_read)))
-            if built != (impl.split("@")[0], r):  # impl@variant columns reuse their impl's graph
-                model = small = b""  # the previous graphs go before the next are built: one pair in memory
-                model, built = impl_model(impl, k, n, r, rng), (impl.split("@")[0], r)
-                # The same kernels with their weights in the LLC (rc nodes, ≤ 1/4 of it, repeated): the
-                # compute-bound rate, which tells a compute limit from a memory one.
-                rc = max(1, min(r, int(llc / 4 // per_read)))
-                small = impl_model(impl, k, n, rc, rng)
-            a = {"A": rng.standard_normal((1, k)).astype(np.float32)}
-            variant = impl.partition("@")[2]
-            for t in threads:
-                pin(t, cores)
-                sess = session(model, t, lib, variant)
-                times = timed(lambda: sess.run(None, a), args.reps)
-                cached_sess = session(small, t, lib, variant)
-                cached = timed(lambda: cached_sess.run(None, a), args.reps)
-                del cached_sess
-                res[impl, t] = ([x / r for x in times], per_read, [x / rc for x in cached])
-                report["decode"].append({"k": k, "n": n, "impl": impl, "threads": t, "nodes": r, "bytes": per_read,
-                                         "seconds_per_product": res[impl, t][0], "nodes_in_llc": rc,
-                                         "seconds_per_product_in_llc": res[impl, t][2]})
-                save()
-                print(f"{k}x{n} {impl} R={r} threads={t}: {statistics.median(times) / r * 1e6:.1f} µs/matmul, "
-                      f"{per_read / (statistics.median(times) / r) / 1e9:.1f} GB/s; weights in LLC: "
-                      f"{per_read / (statistics.median(cached) / rc) / 1e9:.1f} GB/s", flush=True)
-                del sess
-        del model
+            # The same kernels with their weights in the LLC (rc nodes, ≤ 1/4 of it, repeated): the compute-bound
+            # rate, which tells a compute limit from a memory one. impl@variant/lib columns share impl's graphs.
+            rc = max(1, min(r, int(llc / 4 // per_read)))
+            same = next((g for i, g in graphs.items() if base_impl(i) == base), None)
+            graphs[impl] = same or (impl_model(impl, k, n, r, rng), r, impl_model(impl, k, n, rc, rng), rc)
         for t in threads:
-            cells = []
-            read_med = statistics.median(read[t])
+            pin(t, cores)
+            sessions = {i: column_session(i, graphs[i][0], t) for i in impls}
+            for s in sessions.values():
+                s.run(None, a)  # first run: allocations, the pool's threads
+            read_t: list[float] = []
+            times: dict[str, list[float]] = {i: [] for i in impls}
+            for rep in range(args.reps):  # paired rounds: the read, then each implementation, order rotating
+                read_t += stream_read_gbs(big, t, 1)
+                for i in impls[rep % len(impls):] + impls[:rep % len(impls)]:
+                    quiesce()
+                    t0 = time.perf_counter()
+                    sessions[i].run(None, a)
+                    times[i].append((time.perf_counter() - t0) / graphs[i][1])
+            del sessions
             for impl in impls:
-                times, per, cached = res[impl, t]
-                gbs = [per / x / 1e9 for x in times]
-                cells.append(f"{fmt(times, 1e6)} | {fmt(gbs)} | {100 * statistics.median(gbs) / read_med:.0f}% | "
-                             f"{fmt([per / x / 1e9 for x in cached])}")
-            lines.append(f"| {k}×{n} | {t} | {fmt(read[t])} | " + " | ".join(cells) + " |")
+                per_read, rc = read_bytes(impl, k, n), graphs[impl][3]
+                cached_sess = column_session(impl, graphs[impl][2], t)
+                cached = [x / rc for x in timed(lambda: cached_sess.run(None, a), args.reps)]
+                del cached_sess
+                ratios = [per_read / x / 1e9 / rd for x, rd in zip(times[impl], read_t)]
+                report["decode"].append({"k": k, "n": n, "impl": impl, "threads": t, "nodes": graphs[impl][1],
+                                         "bytes": per_read, "seconds_per_product": times[impl],
+                                         "stream_read_gbs": read_t, "nodes_in_llc": rc,
+                                         "seconds_per_product_in_llc": cached})
+                save()
+                gbs = [per_read / x / 1e9 for x in times[impl]]
+                print(f"{k}x{n} {impl} R={graphs[impl][1]} threads={t}: {statistics.median(times[impl]) * 1e6:.1f} "
+                      f"µs/matmul, {statistics.median(gbs):.1f} GB/s, {100 * statistics.median(ratios):.0f}% of the "
+                      f"read ({statistics.median(read_t):.1f} GB/s); weights in LLC: "
+                      f"{per_read / statistics.median(cached) / 1e9:.1f} GB/s", flush=True)
+                res_cells = f"{fmt(times[impl], 1e6)} | {fmt(gbs)} | {fmt(ratios, 100)}% | " + \
+                    fmt([per_read / x / 1e9 for x in cached])
+                if impl == impls[0]:
+                    lines.append(f"| {k}×{n} | {t} | {fmt(read_t)} | {res_cells}")
+                else:
+                    lines[-1] += f" | {res_cells}"
+            lines[-1] += " |"
+        del graphs
 
     lines += prefill_lines
     save()
