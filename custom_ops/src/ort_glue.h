@@ -82,25 +82,35 @@ inline constexpr size_t kMaxParallelTasks = 64;
 // Divisor of guided claiming: a claim takes 1/kClaimDivisor of the items left (at least one).
 inline constexpr size_t kClaimDivisor = 16;
 
-// Runs first(i0, i1) over runs [i0, i1) covering [0, n1), then then(i) for every i in [0, n2), on ORT's intra-op
-// pool with min(max(n1, n2), kMaxParallelTasks) tasks. Runs are claimed guided: each claim takes 1/kClaimDivisor
-// of the items left, so the first runs are long (few claims; a run is meant to be one sequential stream) and the
-// last are single items (the threads finish together, however many the pool has). A task waits (yielding) until
-// every first item is done before claiming a `then` item, each claimed one at a time. No task waits for an item
-// that is not being run (an item is claimed by a running task), so this cannot deadlock. Neither body may throw.
+// Claims guided runs [i0, i1) of [i, n) from `next` and runs body(i0, i1) on each, until none is left: each claim
+// takes 1/kClaimDivisor of the items left (at least one), so the first runs are long (few claims; a run is meant to
+// be one sequential stream) and the last are single items (the threads finish together, however many there are).
+template <class Body>
+void claim_runs(std::atomic<size_t>& next, size_t n, Body& body) {
+  for (size_t i = next.load(std::memory_order_relaxed); i < n;) {
+    const size_t take = (n - i) / kClaimDivisor > 1 ? (n - i) / kClaimDivisor : 1;
+    if (!next.compare_exchange_weak(i, i + take, std::memory_order_relaxed)) continue;  // i: reloaded
+    body(i, i + take);
+    i = next.load(std::memory_order_relaxed);
+  }
+}
+
+// Runs first(i0, i1) over guided runs covering [0, n1), then then(i0, i1) over guided runs covering [0, n2)
+// (claim_runs), on ORT's intra-op pool with min(max(n1, n2), kMaxParallelTasks) tasks. A task waits (yielding)
+// until every first item is done before claiming a `then` run; with n1 = 0 there is no wait. No task waits for an
+// item that is not being run (an item is claimed by a running task), so this cannot deadlock. Neither body may
+// throw.
 template <class First, class Then>
 void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n1, First& first, size_t n2, Then& then) {
   std::atomic<size_t> next1{0}, done1{0}, next2{0};
+  auto counted = [&](size_t i0, size_t i1) {
+    first(i0, i1);
+    done1.fetch_add(i1 - i0, std::memory_order_release);
+  };
   auto task = [&](size_t) {
-    for (size_t i = next1.load(std::memory_order_relaxed); i < n1;) {
-      const size_t take = (n1 - i) / kClaimDivisor > 1 ? (n1 - i) / kClaimDivisor : 1;
-      if (!next1.compare_exchange_weak(i, i + take, std::memory_order_relaxed)) continue;  // i: reloaded
-      first(i, i + take);
-      done1.fetch_add(take, std::memory_order_release);
-      i = next1.load(std::memory_order_relaxed);
-    }
+    claim_runs(next1, n1, counted);
     while (done1.load(std::memory_order_acquire) < n1) std::this_thread::yield();
-    for (size_t i; (i = next2.fetch_add(1, std::memory_order_relaxed)) < n2;) then(i);
+    claim_runs(next2, n2, then);
   };
   const size_t n = n1 > n2 ? n1 : n2, tasks = n < kMaxParallelTasks ? n : kMaxParallelTasks;
   if (tasks <= 1) return task(0);

@@ -156,28 +156,33 @@ void digits_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, DigitWeigh
 // threads), in memory order. The op's tasks claim runs of them (ort_glue.h) and build a block's tables (24 KiB a
 // row of A, in L1) when a run enters that block, so each thread reads one sequential stream of weights and only
 // the tables of the blocks it works on (no table shared between threads, no wait before the products). Each item
-// writes its rows' partial sums P_b; `sum` adds them over b in increasing order, so the result does not depend
-// on the thread count.
+// writes its rows' partial sums P_b and counts itself done for its rows; the item that completes a row range (its
+// B-th) adds that range's P_b over b in increasing order into Y. So no thread waits for another (no barrier between
+// products and sums), and the result does not depend on the thread count or on which thread adds.
 struct LutProduct {
-  static constexpr size_t kSumRows = 256;  // rows of Y per item of `sum`
   static constexpr size_t kTableFloats = 6 * kLutJb * 32;
   const Kernels& kern;
   const LutWeights& lut;
   size_t M;
-  float* xa;    // A zero-padded to 18·J per row
-  float* part;  // P[b][m][G·16]
+  const float* scale;
+  float* Y;       // M × N
+  float* xa;      // A zero-padded to 18·J per row
+  float* part;    // P[b][m][G·16]
+  uint32_t* done; // per item column (lut_items(G)): blocks done
 
   size_t items() const { return lut_blocks(lut.J) * lut_items(lut.G); }
-  size_t sums() const { return (lut.N + kSumRows - 1) / kSumRows; }
-  // Floats of scratch for xa and part (plus 16 for alignment).
+  // Floats of scratch for xa, part and done (plus 16 for alignment).
   static size_t scratch(const LutWeights& L, size_t M) {
-    return M * kLutK * L.J + lut_blocks(L.J) * M * L.G * kLutRows + 16;
+    return M * kLutK * L.J + lut_blocks(L.J) * M * L.G * kLutRows + lut_items(L.G) + 16;
   }
-  LutProduct(const Kernels& k, const LutWeights& L, const float* a, size_t K, size_t m, float* buf)
-      : kern(k), lut(L), M(m) {
+  LutProduct(const Kernels& k, const LutWeights& L, const float* a, size_t K, size_t m, const float* sc, float* y,
+             float* buf)
+      : kern(k), lut(L), M(m), scale(sc), Y(y) {
     const size_t kl = kLutK * L.J;
     xa = align64(buf);
     part = xa + M * kl;
+    done = reinterpret_cast<uint32_t*>(part + lut_blocks(L.J) * M * L.G * kLutRows);
+    std::fill(done, done + lut_items(L.G), 0u);
     for (size_t r = 0; r < M; ++r) {
       std::copy(a + r * K, a + (r + 1) * K, xa + r * kl);
       std::fill(xa + r * kl + K, xa + (r + 1) * kl, 0.f);
@@ -188,8 +193,9 @@ struct LutProduct {
   // for this product (SIZE_MAX: none).
   void run(size_t i0, size_t i1, float* tab, size_t* tab_block) const {
     const size_t items_b = lut_items(lut.G), rows = lut.G * kLutRows, kl = kLutK * lut.J;
+    const uint32_t B = static_cast<uint32_t>(lut_blocks(lut.J));
     for (size_t i = i0; i < i1; ++i) {
-      const size_t b = i / items_b, g0 = i % items_b * kLutItem, ng = std::min(kLutItem, lut.G - g0);
+      const size_t b = i / items_b, c = i % items_b, g0 = c * kLutItem, ng = std::min(kLutItem, lut.G - g0);
       const size_t w = lut_width(lut.J, b);
       if (*tab_block != b) {
         for (size_t m = 0; m < M; ++m) kern.lut_tables(xa + m * kl + kLutK * kLutJb * b, w, tab + m * kTableFloats);
@@ -198,14 +204,17 @@ struct LutProduct {
       const uint32_t* Wi = lut.w.data() + lut_block_word(lut.G, b) + g0 * w * kLutRows;
       for (size_t m = 0; m < M; ++m)
         kern.lut(tab + m * kTableFloats, w, Wi, ng, part + (b * M + m) * rows + g0 * kLutRows);
+      // acq_rel: the adder sees every block's P of these rows (each added by its writer before its count).
+      if (__atomic_add_fetch(&done[c], 1u, __ATOMIC_ACQ_REL) == B) sum(c);
     }
   }
 
-  // Rows [i·kSumRows, (i+1)·kSumRows) of Y (M rows, ld N).
-  void sum(size_t i, const float* scale, float* Y) const {
+ private:
+  // Y for the rows of item column c (groups c·kLutItem …), all B blocks' P present.
+  void sum(size_t c) const {
     const size_t N = lut.N, B = lut_blocks(lut.J), rows = lut.G * kLutRows;
-    const size_t n0 = i * kSumRows, nc = std::min(N, n0 + kSumRows) - n0;
-    float acc[kSumRows];
+    const size_t n0 = c * kLutItem * kLutRows, nc = std::min(N, n0 + kLutItem * kLutRows) - n0;
+    float acc[kLutItem * kLutRows];
     for (size_t m = 0; m < M; ++m) {
       std::copy(part + m * rows + n0, part + m * rows + n0 + nc, acc);
       for (size_t b = 1; b < B; ++b) {
@@ -247,10 +256,9 @@ double time_decode(const Kernels& kern, bool act_quant) {
   float* tab = align64(tabs.data());
   auto product = [&] {
     if (!act_quant && kern.lut) {
-      const LutProduct p(kern, lut, a.data(), K, 1, buf.data());
+      const LutProduct p(kern, lut, a.data(), K, 1, scale.data(), y.data(), buf.data());
       size_t tab_block = SIZE_MAX;
       p.run(0, p.items(), tab, &tab_block);
-      for (size_t i = 0; i < p.sums(); ++i) p.sum(i, scale.data(), y.data());
     } else if (act_quant) {
       const float qs = kern.abs_max(a.data(), K) / 127.f;  // a is not all zero
       const int32_t qsum = kern.quantize_range(a.data(), 0, K, K, qs, q.data());
@@ -389,7 +397,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     // time). Only this call's tasks use the caller's, through `p`, and the caller waits for them.
     thread_local std::vector<float> scratch;
     if (scratch.size() < LutProduct::scratch(*lut, M)) scratch.resize(LutProduct::scratch(*lut, M));
-    const LutProduct p(kern, *lut, a, k, M, scratch.data());
+    const LutProduct p(kern, *lut, a, k, M, sc, Y, scratch.data());
     static std::atomic<uint64_t> calls{0};
     const uint64_t call = ++calls;
     auto run = [&](size_t i0, size_t i1) {
@@ -401,8 +409,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
       if (t.call != call) t.call = call, t.b = SIZE_MAX;
       p.run(i0, i1, align64(t.buf.data()), &t.b);
     };
-    auto sum = [&](size_t i) { p.sum(i, sc, Y); };
-    parallel_claim(api, ctx, p.items(), run, p.sums(), sum);
+    parallel_claim(api, ctx, p.items(), run);
     return;
   }
 
@@ -465,24 +472,27 @@ void Kernel::compute(OrtKernelContext* ctx) const {
 
   if (M > 0) {
     // Tiles of up to 64 rows of A × NB rows of W (a contiguous slab of W); NB keeps a tile ≥ ~64K MACs and gives
-    // ≤ ~64 column tiles. Claimed by one task per pool thread.
+    // ≤ ~64 column tiles. Digit rows (M ≤ 7: one row tile): tiles of 8 rows, and a claimed run of them is one call
+    // over its rows, one sequential stream; the last runs are 8 rows, so the threads finish within ~1 µs.
     const size_t MB = std::min<size_t>(M, 64);
     const size_t min_nb = (65536 / (MB * Kp) + 7) / 8 * 8;
-    size_t NB = std::max<size_t>({8, min_nb, (N + 63) / 64});
-    if (M >= 3) NB = (NB + 31) / 32 * 32;  // whole 32-row panels for the GEMM kernels (fp32 and int8)
+    size_t NB = use_digits ? 8 : std::max<size_t>({8, min_nb, (N + 63) / 64});
+    if (M >= 3 && !use_digits) NB = (NB + 31) / 32 * 32;  // whole 32-row panels for the GEMM kernels (fp32 and int8)
     const size_t mt = (M + MB - 1) / MB, nt = (N + NB - 1) / NB, Kd = Kp / 4;
-    auto task = [&](size_t t) {
-      const size_t m0 = t / nt * MB, n0 = t % nt * NB;
-      const size_t mc = std::min(MB, M - m0), nc = std::min(NB, N - n0);
+    auto task = [&](size_t t0, size_t t1) {
       if (use_digits) {
-        kern.i8_digits(q + m0 * Kp, qscale + m0, qsum + m0, mc, Kp, digits->d.data() + n0 * Kd, nc, sc + n0,
-                       Y + m0 * N + n0, N);
+        const size_t n0 = t0 * NB, nc = std::min(N, t1 * NB) - n0;
+        kern.i8_digits(q, qscale, qsum, M, Kp, digits->d.data() + n0 * Kd, nc, sc + n0, Y + n0, N);
         return;
       }
-      const bool b = act_quant ? kern.i8(q + m0 * Kp, qscale + m0, qsum + m0, mc, Kp, w2 + n0 * Kb2, Kb2, nc,
-                                         sc + n0, Y + m0 * N + n0, N)
-                               : kern.f32(a + m0 * Kp, mc, Kp, w2 + n0 * Kb2, Kb2, nc, sc + n0, Y + m0 * N + n0, N);
-      if (b) bad = true;
+      for (size_t t = t0; t < t1; ++t) {
+        const size_t m0 = t / nt * MB, n0 = t % nt * NB;
+        const size_t mc = std::min(MB, M - m0), nc = std::min(NB, N - n0);
+        const bool b = act_quant ? kern.i8(q + m0 * Kp, qscale + m0, qsum + m0, mc, Kp, w2 + n0 * Kb2, Kb2, nc,
+                                           sc + n0, Y + m0 * N + n0, N)
+                                 : kern.f32(a + m0 * Kp, mc, Kp, w2 + n0 * Kb2, Kb2, nc, sc + n0, Y + m0 * N + n0, N);
+        if (b) bad = true;
+      }
     };
     // A split quantization costs a barrier between the phases (~3 µs at 2-8 threads on the 16-core host): worth
     // it only for more than 2 ranges (e.g. K = 14336: 7), so shorter rows are quantized here.
