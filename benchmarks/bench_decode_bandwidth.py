@@ -20,7 +20,7 @@ package is not needed) and libbmoe_ops.so: $BMOE_OPS_LIB, else the installed bmo
 
 Two builds of the library in the same paired rounds: --lib old=path/to/old.so --impls ternary,ternary/old.
 
---pin runs each thread count T on T distinct physical cores (one logical CPU of each, from sysfs): the process's
+--pin runs each thread count T on the last T distinct physical cores (one logical CPU of each, from sysfs): the process's
 affinity is set before that T's streaming read and before its sessions are created (ORT's pool threads inherit it).
 
 Writes a markdown table to stdout and --out (default runs/bench/decode_bandwidth/<host>.md), and with --json every
@@ -155,9 +155,11 @@ def physical_cores() -> list[int]:
 
 
 def pin(threads: int, cores: list[int] | None) -> None:
-    """Restrict this thread (and the threads it creates from now on) to the first `threads` cores."""
+    """Restrict this thread (and the threads it creates from now on) to the last `threads` cores. The last: on the
+    16-core host, 2 threads pinned to cores 0-1 ran bimodally (every column, fp32 MatMul too, at either one or two
+    threads' speed from round to round), as if something else ran there now and then."""
     if cores:
-        os.sched_setaffinity(0, cores[:threads])
+        os.sched_setaffinity(0, cores[-threads:])
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -312,7 +314,7 @@ def main() -> None:
     llc = llc_bytes()
     set_bytes = max(args.llc_factor * llc, args.min_set_mib * 2**20)
     rng = np.random.default_rng(0)
-    pinned = cores[:max(threads)] if cores else None
+    pinned = cores[-max(threads):] if cores else None
     head = [f"# TernaryMatMul decode bandwidth — {cpu_model()}",
             f"{cpus} CPUs available, LLC {llc / 2**20:.0f} MiB, weight set per implementation ≥ "
             f"{set_bytes / 2**20:.0f} MiB; onnxruntime {ort.__version__}; library {lib}; "
