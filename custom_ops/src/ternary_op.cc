@@ -168,21 +168,21 @@ struct LutProduct {
   float* Y;       // M × N
   float* xa;      // A zero-padded to 18·J per row
   float* part;    // P[b][m][G·16]
-  uint32_t* done; // per item column (lut_items(G)): blocks done
+  uint32_t* done; // per item column (lut_items(G)): blocks done (done_words() of them, zeroed here)
 
   size_t items() const { return lut_blocks(lut.J) * lut_items(lut.G); }
-  // Floats of scratch for xa, part and done (plus 16 for alignment).
+  // Floats of scratch for xa and part (plus 16 for alignment).
   static size_t scratch(const LutWeights& L, size_t M) {
-    return M * kLutK * L.J + lut_blocks(L.J) * M * L.G * kLutRows + lut_items(L.G) + 16;
+    return M * kLutK * L.J + lut_blocks(L.J) * M * L.G * kLutRows + 16;
   }
+  static size_t done_words(const LutWeights& L) { return lut_items(L.G); }
   LutProduct(const Kernels& k, const LutWeights& L, const float* a, size_t K, size_t m, const float* sc, float* y,
-             float* buf)
-      : kern(k), lut(L), M(m), scale(sc), Y(y) {
+             float* buf, uint32_t* counts)
+      : kern(k), lut(L), M(m), scale(sc), Y(y), done(counts) {
     const size_t kl = kLutK * L.J;
     xa = align64(buf);
     part = xa + M * kl;
-    done = reinterpret_cast<uint32_t*>(part + lut_blocks(L.J) * M * L.G * kLutRows);
-    std::fill(done, done + lut_items(L.G), 0u);
+    std::fill(done, done + done_words(L), 0u);
     for (size_t r = 0; r < M; ++r) {
       std::copy(a + r * K, a + (r + 1) * K, xa + r * kl);
       std::fill(xa + r * kl + K, xa + (r + 1) * kl, 0.f);
@@ -251,15 +251,17 @@ double time_decode(const Kernels& kern, bool act_quant) {
   DigitWeights digits;
   std::vector<float> buf, tabs(LutProduct::kTableFloats + 16);
   std::vector<int8_t> q(K);
+  std::vector<uint32_t> counts;
   if (!act_quant && kern.lut) {
     lut_repack(w.data(), N, Kb, K, lut);
     buf.resize(LutProduct::scratch(lut, 1));
+    counts.resize(LutProduct::done_words(lut));
   }
   if (act_quant && kern.i8_digits) digits_repack(w.data(), N, Kb, K, digits);
   float* tab = align64(tabs.data());
   auto product = [&] {
     if (!act_quant && kern.lut) {
-      const LutProduct p(kern, lut, a.data(), K, 1, scale.data(), y.data(), buf.data());
+      const LutProduct p(kern, lut, a.data(), K, 1, scale.data(), y.data(), buf.data(), counts.data());
       size_t tab_block = SIZE_MAX;
       p.run(0, p.items(), tab, &tab_block);
     } else if (act_quant) {
@@ -399,8 +401,10 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     // Per-thread scratch reused across calls (a fresh block per call would be mmap'ed and page-faulted every
     // time). Only this call's tasks use the caller's, through `p`, and the caller waits for them.
     thread_local std::vector<float> scratch;
+    thread_local std::vector<uint32_t> counts;
     if (scratch.size() < LutProduct::scratch(*lut, M)) scratch.resize(LutProduct::scratch(*lut, M));
-    const LutProduct p(kern, *lut, a, k, M, sc, Y, scratch.data());
+    if (counts.size() < LutProduct::done_words(*lut)) counts.resize(LutProduct::done_words(*lut));
+    const LutProduct p(kern, *lut, a, k, M, sc, Y, scratch.data(), counts.data());
     static std::atomic<uint64_t> calls{0};
     const uint64_t call = ++calls;
     auto run = [&](size_t i0, size_t i1) {
