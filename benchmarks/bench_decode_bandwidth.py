@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads spin after use; nothing here needs them
 import numpy as np  # noqa: E402
@@ -172,9 +173,15 @@ def pack_2bit(trits: np.ndarray) -> np.ndarray:
     return (codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6).astype(np.uint8)
 
 
-def base_impl(impl: str) -> str:
-    """`ternary` of a column name `ternary@avx2/old` (IMPL[@VARIANT][/LIB])."""
-    return impl.split("/")[0].split("@")[0]
+def column(name: str) -> tuple[str, str, str]:
+    """(impl, kernel variant, library name) of a column name IMPL[@VARIANT][/LIB], e.g. `ternary@avx2/old`."""
+    head, _, lib = name.partition("/")
+    impl, _, variant = head.partition("@")
+    return impl, variant, lib
+
+
+def base_impl(name: str) -> str:
+    return column(name)[0]
 
 
 def read_bytes(impl: str, k: int, n: int) -> int:
@@ -211,6 +218,24 @@ def impl_model(impl: str, k: int, n: int, r: int, rng) -> bytes:
         nodes = [_node("MatMulNBits", ["A", f"B{i}", f"c{i}"], [f"Y{i}"], "com.microsoft", K=k, N=n, bits=4,
                        block_size=32, accuracy_level=4) for i in range(r)]
     return model_bytes(nodes, inits, [f"Y{i}" for i in range(r)])
+
+
+class Graphs(NamedTuple):
+    """One column's decode graphs: weights from DRAM (`nodes` distinct weight sets) and in the LLC."""
+    dram: bytes
+    nodes: int
+    llc: bytes
+    nodes_llc: int
+    bytes: int  # weight bytes one product streams
+
+
+def decode_graphs(impl: str, k: int, n: int, set_bytes: float, llc: int, rng) -> Graphs:
+    """R nodes whose weights total ≥ set_bytes (read from DRAM), and the same kernels with their weights in the LLC
+    (rc nodes, ≤ 1/4 of it, repeated): the compute-bound rate, which tells a compute limit from a memory one."""
+    per_read = read_bytes(impl, k, n)
+    r = max(2, int(-(-set_bytes // per_read)))
+    rc = max(1, min(r, int(llc / 4 // per_read)))
+    return Graphs(impl_model(impl, k, n, r, rng), r, impl_model(impl, k, n, rc, rng), rc, per_read)
 
 
 def session(model: bytes, threads: int, lib: str, variant: str = "") -> ort.InferenceSession:
@@ -257,18 +282,16 @@ def quiesce(limit: float = 0.5) -> None:
             return
 
 
-def stream_read_gbs(buf: np.ndarray, threads: int, reps: int) -> list[float]:
-    """GB/s of T threads each reducing its own slice of `buf` with np.max (numpy releases the GIL)."""
-    parts = np.array_split(buf, threads)
-
-    def run():
-        ts = [threading.Thread(target=np.max, args=(p,)) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    return [buf.nbytes / t / 1e9 for t in timed(run, reps)]
+def stream_read_gbs(buf: np.ndarray, threads: int) -> float:
+    """GB/s of one pass of T threads each reducing its own slice of `buf` with np.max (numpy releases the GIL)."""
+    ts = [threading.Thread(target=np.max, args=(p,)) for p in np.array_split(buf, threads)]
+    quiesce()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return buf.nbytes / (time.perf_counter() - t0) / 1e9
 
 
 def fmt(values: list[float], scale: float = 1.0) -> str:
@@ -301,11 +324,11 @@ def main() -> None:
     if not all(libs.values()):
         ap.error("--lib takes NAME=PATH")
 
-    def column_session(impl: str, model: bytes, t: int) -> ort.InferenceSession:
-        name = impl.partition("/")[2]
-        if name and name not in libs:
-            sys.exit(f"column {impl}: no --lib {name}=PATH")
-        return session(model, t, libs[name] if name else lib, impl.split("/")[0].partition("@")[2])
+    def column_session(name: str, model: bytes, t: int) -> ort.InferenceSession:
+        _, variant, lib_name = column(name)
+        if lib_name and lib_name not in libs:
+            sys.exit(f"column {name}: no --lib {lib_name}=PATH")
+        return session(model, t, libs[lib_name] if lib_name else lib, variant)
     cores = physical_cores() if args.pin else None
     cpus = len(cores) if cores else len(os.sched_getaffinity(0))
     threads = [t for t in (int(x) for x in args.threads.split(",")) if t <= cpus]
@@ -361,43 +384,40 @@ def main() -> None:
         "|---|---|---|" + "---|---|---|---|" * len(impls)]
     for k, n in shapes:
         a = {"A": rng.standard_normal((1, k)).astype(np.float32)}
-        graphs: dict[str, tuple[bytes, int, bytes, int]] = {}  # impl → (DRAM graph, its nodes, LLC graph, its nodes)
+        graphs: dict[str, Graphs] = {}
         for impl in impls:
-            base, per_read = base_impl(impl), read_bytes(impl, k, n)
-            r = max(2, int(-(-set_bytes // per_read)))
-            # The same kernels with their weights in the LLC (rc nodes, ≤ 1/4 of it, repeated): the compute-bound
-            # rate, which tells a compute limit from a memory one. impl@variant/lib columns share impl's graphs.
-            rc = max(1, min(r, int(llc / 4 // per_read)))
-            same = next((g for i, g in graphs.items() if base_impl(i) == base), None)
-            graphs[impl] = same or (impl_model(impl, k, n, r, rng), r, impl_model(impl, k, n, rc, rng), rc)
+            same = next((g for i, g in graphs.items() if base_impl(i) == base_impl(impl)), None)
+            graphs[impl] = same or decode_graphs(impl, k, n, set_bytes, llc, rng)
         for t in threads:
             pin(t, cores)
-            sessions = {i: column_session(i, graphs[i][0], t) for i in impls}
+            sessions = {i: column_session(i, graphs[i].dram, t) for i in impls}
             for s in sessions.values():
                 s.run(None, a)  # first run: allocations, the pool's threads
+            stream_read_gbs(big, t)  # first pass: the buffer's pages and the threads' start
             read_t: list[float] = []
             times: dict[str, list[float]] = {i: [] for i in impls}
             for rep in range(args.reps):  # paired rounds: the read, then each implementation, order rotating
-                read_t += stream_read_gbs(big, t, 1)
+                read_t.append(stream_read_gbs(big, t))
                 for i in impls[rep % len(impls):] + impls[:rep % len(impls)]:
                     quiesce()
                     t0 = time.perf_counter()
                     sessions[i].run(None, a)
-                    times[i].append((time.perf_counter() - t0) / graphs[i][1])
+                    times[i].append((time.perf_counter() - t0) / graphs[i].nodes)
             del sessions
             for impl in impls:
-                per_read, rc = read_bytes(impl, k, n), graphs[impl][3]
-                cached_sess = column_session(impl, graphs[impl][2], t)
+                g = graphs[impl]
+                per_read, rc = g.bytes, g.nodes_llc
+                cached_sess = column_session(impl, g.llc, t)
                 cached = [x / rc for x in timed(lambda: cached_sess.run(None, a), args.reps)]
                 del cached_sess
                 ratios = [per_read / x / 1e9 / rd for x, rd in zip(times[impl], read_t)]
-                report["decode"].append({"k": k, "n": n, "impl": impl, "threads": t, "nodes": graphs[impl][1],
+                report["decode"].append({"k": k, "n": n, "impl": impl, "threads": t, "nodes": g.nodes,
                                          "bytes": per_read, "seconds_per_product": times[impl],
                                          "stream_read_gbs": read_t, "nodes_in_llc": rc,
                                          "seconds_per_product_in_llc": cached})
                 save()
                 gbs = [per_read / x / 1e9 for x in times[impl]]
-                print(f"{k}x{n} {impl} R={graphs[impl][1]} threads={t}: {statistics.median(times[impl]) * 1e6:.1f} "
+                print(f"{k}x{n} {impl} R={g.nodes} threads={t}: {statistics.median(times[impl]) * 1e6:.1f} "
                       f"µs/matmul, {statistics.median(gbs):.1f} GB/s, {100 * statistics.median(ratios):.0f}% of the "
                       f"read ({statistics.median(read_t):.1f} GB/s); weights in LLC: "
                       f"{per_read / statistics.median(cached) / 1e9:.1f} GB/s", flush=True)

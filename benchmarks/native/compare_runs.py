@@ -3,8 +3,9 @@
     python benchmarks/native/compare_runs.py before=old_1.json,old_2.json after=new_1.json,new_2.json [--out t.md]
 
 Per shape, thread count and kernel (exact, act_quant): each run's median GB/s (weights from DRAM) and its % of
-the streaming read measured in that run (paired rounds: the median of the rounds' ratios), then across runs the median and range, and after / before of the medians;
-last, the medians with the weights in the LLC (the kernel's compute speed). fp32 MatMul, where a run has it, is
+the streaming read measured in that run (paired rounds: the median of the rounds' ratios), then across runs the
+median and range, and after / before of the medians; last, the medians with the weights in the LLC (the kernel's
+compute speed). fp32 MatMul, where a run has it, is
 listed as the same-run anchor; columns run with another library (`ternary/old`, bench_decode_bandwidth.py --lib)
 are rows of their own. Prints a markdown table.
 """

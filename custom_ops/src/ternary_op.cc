@@ -208,8 +208,10 @@ struct LutProduct {
     // The run's items counted done only now: a locked add is a full fence (it waits for every load in flight), and
     // one after each item stalled the weight stream there (77 % of parallel_claim's samples, ~11 % of all, at 8
     // threads on the host). acq_rel: the adder sees every block's P of its rows, each written before its count.
-    for (size_t i = i0; i < i1; ++i)
-      if (__atomic_add_fetch(&done[i % items_b], 1u, __ATOMIC_ACQ_REL) == B) sum(i % items_b);
+    for (size_t i = i0; i < i1; ++i) {
+      const size_t c = i % items_b;
+      if (__atomic_add_fetch(&done[c], 1u, __ATOMIC_ACQ_REL) == B) sum(c);
+    }
   }
 
  private:
