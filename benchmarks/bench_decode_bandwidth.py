@@ -4,9 +4,9 @@ com.microsoft::MatMulNBits 4-bit; plus prefill (M=128, 4096×4096) against fp32 
 
 Weights not in cache: every implementation runs a graph of R nodes with R distinct weight matrices whose total is
 at least --llc-factor × the last-level cache (read from sysfs); one session run streams each matrix once, so every
-node reads its weights from DRAM. Time per matmul = run time / R. Streaming read: T Python threads each taking
-np.max of its slice of one large float32 array (a SIMD reduction that releases the GIL; faster than np.sum's
-pairwise summation), the same T as the sessions' intra-op threads.
+node reads its weights from DRAM. Time per matmul = run time / R. Streaming read: T Python threads taking np.max
+of 4 MiB chunks of one large float32 array, claimed from a shared counter (a SIMD reduction that releases the GIL;
+faster than np.sum's pairwise summation), the same T as the sessions' intra-op threads.
 Paired rounds: a shared host's bandwidth drifts over seconds, so per shape and T the read and every implementation
 are timed in turn, --reps rounds (the implementations' order rotating), and "% of read" is the median over rounds of
 each round's GB/s over that round's read, with its min-max. Medians of --reps runs with the min-max spread; the CPU,
@@ -20,8 +20,10 @@ package is not needed) and libbmoe_ops.so: $BMOE_OPS_LIB, else the installed bmo
 
 Two builds of the library in the same paired rounds: --lib old=path/to/old.so --impls ternary,ternary/old.
 
---pin runs each thread count T on the last T distinct physical cores (one logical CPU of each, from sysfs): the process's
-affinity is set before that T's streaming read and before its sessions are created (ORT's pool threads inherit it).
+--pin runs each thread count T on the last T distinct physical cores (one logical CPU of each, from sysfs), one thread
+per core: the calling thread on the first, ORT's T-1 pool threads on the others (session.intra_op_thread_affinities),
+and the streaming read's T threads one per core. (A set of T cores shared by T threads let two of them meet on one
+core now and then: on the 16-core host 2 threads ran at one thread's speed in most rounds, every column alike.)
 
 Writes a markdown table to stdout and --out (default runs/bench/decode_bandwidth/<host>.md), and with --json every
 measured time; never into docs/.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -155,13 +158,13 @@ def physical_cores() -> list[int]:
     return out
 
 
-def pin(threads: int, cores: list[int] | None) -> None:
-    """Restrict this thread (and the threads it creates from now on) to the last `threads` cores. The last: on the
-    16-core host, 2 threads pinned to cores 0-1 ran bimodally (every column, fp32 MatMul too, at either one or two
-    threads' speed from round to round), as if something else ran there now and then."""
-    if cores:
-        os.sched_setaffinity(0, cores[-threads:])
-
+def pin(threads: int, cores: list[int] | None) -> list[int] | None:
+    """The last `threads` cores, this (the calling) thread pinned to the first of them; None when not pinning."""
+    if not cores:
+        return None
+    own = cores[-threads:]
+    os.sched_setaffinity(0, own[:1])  # pid 0: this thread only
+    return own
 
 # ----------------------------------------------------------------------------------- weights
 
@@ -238,22 +241,25 @@ def decode_graphs(impl: str, k: int, n: int, set_bytes: float, llc: int, rng) ->
     return Graphs(impl_model(impl, k, n, r, rng), r, impl_model(impl, k, n, rc, rng), rc, per_read)
 
 
-def session(model: bytes, threads: int, lib: str, variant: str = "") -> ort.InferenceSession:
-    """A session on `threads` intra-op threads; `variant` forces the ops' kernel variant (BMOE_KERNEL is read by
-    the library when the session creates its kernels)."""
+def session(model: bytes, threads: int, lib: str, variant: str = "",
+            cores: list[int] | None = None) -> ort.InferenceSession:
+    """A session on `threads` intra-op threads (with `cores`: its pool threads on cores[1:], one each); `variant`
+    forces the ops' kernel variant (BMOE_KERNEL is read by the library when the session creates its kernels)."""
     prev = os.environ.get("BMOE_KERNEL")
     if variant:
         os.environ["BMOE_KERNEL"] = variant
     try:
-        return _session(model, threads, lib)
+        return _session(model, threads, lib, cores)
     finally:
         if variant:
             os.environ.pop("BMOE_KERNEL") if prev is None else os.environ.__setitem__("BMOE_KERNEL", prev)
 
 
-def _session(model: bytes, threads: int, lib: str) -> ort.InferenceSession:
+def _session(model: bytes, threads: int, lib: str, cores: list[int] | None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    if cores and threads > 1:  # ORT numbers logical processors from 1
+        so.add_session_config_entry("session.intra_op_thread_affinities", ";".join(str(c + 1) for c in cores[1:]))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.register_custom_ops_library(lib)
@@ -271,24 +277,41 @@ def timed(fn, reps: int) -> list[float]:
     return out
 
 
-def quiesce(limit: float = 0.5) -> None:
-    """Wait until this process's threads are idle: ORT's pool threads spin for tens of ms after a run (on the cores
-    the next session is pinned to), which halved the next session's speed at 2-8 threads in paired rounds."""
+def quiesce(limit: float = 1.0) -> None:
+    """Wait until this process's threads are idle: ORT's pool threads spin for tens of ms after a run, on the cores
+    the next measurement runs on (halving a 2-thread read). The process's CPU clock, not os.times(): that counts
+    in 10 ms ticks, so a spinning thread often showed no change over 5 ms."""
     end = time.perf_counter() + limit
     while time.perf_counter() < end:
-        c0 = sum(os.times()[:2])
+        c0 = time.process_time()
         time.sleep(0.005)
-        if sum(os.times()[:2]) - c0 < 0.001:
+        if time.process_time() - c0 < 0.0005:
             return
 
 
-def stream_read_gbs(buf: np.ndarray, threads: int) -> float:
-    """GB/s of one pass of T threads each reducing its own slice of `buf` with np.max (numpy releases the GIL)."""
-    ts = [threading.Thread(target=np.max, args=(p,)) for p in np.array_split(buf, threads)]
-    quiesce()
-    t0 = time.perf_counter()
+def stream_read_gbs(buf: np.ndarray, threads: int, cores: list[int] | None = None) -> float:
+    """GB/s of one pass over `buf` by T threads (with `cores`, thread i on cores[i]) taking np.max (a SIMD reduction
+    that releases the GIL) of 4 MiB chunks claimed in order from a shared counter, released together by a barrier.
+    Claimed, as the kernels' work is: with a fixed split the last of T threads to start set the time (Python
+    starts them one after another), which left the read below ORT's own MatMul at 8 threads."""
+    chunks = np.array_split(buf, max(threads, buf.nbytes >> 22))
+    claims = itertools.count()  # next() on it is atomic under the GIL
+    start = threading.Barrier(threads + 1)
+
+    def read(core: int | None) -> None:
+        if core is not None:
+            os.sched_setaffinity(0, [core])
+        start.wait()
+        for i in claims:
+            if i >= len(chunks):
+                return
+            np.max(chunks[i])
+    ts = [threading.Thread(target=read, args=(cores[i] if cores else None,)) for i in range(threads)]
     for t in ts:
         t.start()
+    quiesce()
+    start.wait()
+    t0 = time.perf_counter()
     for t in ts:
         t.join()
     return buf.nbytes / (time.perf_counter() - t0) / 1e9
@@ -324,11 +347,11 @@ def main() -> None:
     if not all(libs.values()):
         ap.error("--lib takes NAME=PATH")
 
-    def column_session(name: str, model: bytes, t: int) -> ort.InferenceSession:
+    def column_session(name: str, model: bytes, t: int, own: list[int] | None) -> ort.InferenceSession:
         _, variant, lib_name = column(name)
         if lib_name and lib_name not in libs:
             sys.exit(f"column {name}: no --lib {lib_name}=PATH")
-        return session(model, t, libs[lib_name] if lib_name else lib, variant)
+        return session(model, t, libs[lib_name] if lib_name else lib, variant, own)
     cores = physical_cores() if args.pin else None
     cpus = len(cores) if cores else len(os.sched_getaffinity(0))
     threads = [t for t in (int(x) for x in args.threads.split(",")) if t <= cpus]
@@ -370,8 +393,9 @@ def main() -> None:
         a = {"A": rng.standard_normal((pm, k)).astype(np.float32)}
         models = {impl: impl_model(impl, k, n, 1, rng) for impl in ("fp32", "ternary", "ternary_aq")}
         for t in threads:
-            pin(t, cores)
-            ms = {i: timed(lambda s=session(m, t, lib): s.run(None, a), args.reps) for i, m in models.items()}
+            own = pin(t, cores)
+            ms = {i: timed(lambda s=session(m, t, lib, cores=own): s.run(None, a), args.reps)
+                  for i, m in models.items()}
             report["prefill"].append({"m": pm, "k": k, "n": n, "threads": t, "seconds": ms})
             save()
             med = {i: statistics.median(v) for i, v in ms.items()}
@@ -389,15 +413,15 @@ def main() -> None:
             same = next((g for i, g in graphs.items() if base_impl(i) == base_impl(impl)), None)
             graphs[impl] = same or decode_graphs(impl, k, n, set_bytes, llc, rng)
         for t in threads:
-            pin(t, cores)
-            sessions = {i: column_session(i, graphs[i].dram, t) for i in impls}
+            own = pin(t, cores)
+            sessions = {i: column_session(i, graphs[i].dram, t, own) for i in impls}
             for s in sessions.values():
                 s.run(None, a)  # first run: allocations, the pool's threads
-            stream_read_gbs(big, t)  # first pass: the buffer's pages and the threads' start
+            stream_read_gbs(big, t, own)  # first pass: the buffer's pages and the threads' start
             read_t: list[float] = []
             times: dict[str, list[float]] = {i: [] for i in impls}
             for rep in range(args.reps):  # paired rounds: the read, then each implementation, order rotating
-                read_t.append(stream_read_gbs(big, t))
+                read_t.append(stream_read_gbs(big, t, own))
                 for i in impls[rep % len(impls):] + impls[:rep % len(impls)]:
                     quiesce()
                     t0 = time.perf_counter()
@@ -407,7 +431,7 @@ def main() -> None:
             for impl in impls:
                 g = graphs[impl]
                 per_read, rc = g.bytes, g.nodes_llc
-                cached_sess = column_session(impl, g.llc, t)
+                cached_sess = column_session(impl, g.llc, t, own)
                 cached = [x / rc for x in timed(lambda: cached_sess.run(None, a), args.reps)]
                 del cached_sess
                 ratios = [per_read / x / 1e9 / rd for x, rd in zip(times[impl], read_t)]

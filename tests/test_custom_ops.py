@@ -197,6 +197,27 @@ def test_ternary_matmul_variants_and_thread_counts_agree(monkeypatch, act_quant)
             np.testing.assert_array_equal(ys[v, 1], ys["scalar", 1], err_msg=f"{v} vs scalar {(m, k, n)}")
 
 
+@pytest.mark.parametrize("act_quant", [0, 1])
+def test_ternary_matmul_repeated_runs_keep_their_bits(act_quant):
+    """Decode products split over threads by contiguous shares with stealing (ort_glue.h: the first call of a
+    session has one share and the other threads steal from it; later calls have a share per thread seen): run after
+    run on one 3-thread session, the same bits as a 1-thread session, and within the spec of the reference."""
+    rng = np.random.default_rng(23)
+    for m, k, n in [(1, 1300, 700), (1, 5000, 300), (3, 700, 1000)]:
+        _, w, s = tmm_case(rng, m, k, n, "2bit")
+        inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(s, "s")]
+        model = make_model("TernaryMatMul", {"A": np.zeros((m, k), np.float32), "W": w, "s": s}, initializers=inits,
+                           K=k, act_quant=act_quant)
+        one, three = session(model, 1), session(model, 3)
+        for _ in range(4):
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            y1, y3 = one.run(None, {"A": a})[0], three.run(None, {"A": a})[0]
+            np.testing.assert_array_equal(y3, y1, err_msg=f"{(m, k, n)}: 3 threads vs 1")
+            ref = ternary_matmul(a, w, s, k, "2bit", act_quant)
+            tol = 1e-5 * (1 + np.abs(a).sum(1, keepdims=True)) * np.abs(s)
+            assert np.all(np.abs(y1 - ref) <= tol), f"{(m, k, n)} max err {np.abs(y1 - ref).max()}"
+
+
 # act_quant at M <= 7 with a constant W reads digit rows repacked at kernel creation (ternary.h), otherwise the
 # 2-bit rows: shapes across 256-trit chunks, the op's 64-row tiles and the 4-row blocks of A, ragged K.
 DIGIT_SHAPES = [(1, 1, 1), (1, 300, 70), (2, 577, 33), (4, 1300, 130), (5, 256, 17), (7, 40, 9), (8, 300, 10)]

@@ -95,14 +95,84 @@ void claim_runs(std::atomic<size_t>& next, size_t n, Body& body) {
   }
 }
 
-// Runs first(i0, i1) over guided runs covering [0, n1), then then(i0, i1) over guided runs covering [0, n2)
-// (claim_runs), on ORT's intra-op pool with min(max(n1, n2), kMaxParallelTasks) tasks. A task waits (yielding)
-// until every first item is done before claiming a `then` run; with n1 = 0 there is no wait. No task waits for an
-// item that is not being run (an item is claimed by a running task), so this cannot deadlock. Neither body may
-// throw.
+// Items [0, n) in s contiguous shares, one per thread expected, with stealing. A thread takes the share it arrives
+// for in runs from its front (a quarter of what is left, at least one item), so its weights are one sequential
+// stream: one prefetch ramp a call, and a kernel prefetching past a run's end fetches the next run's start. A thread
+// without a share, or done with its own, steals the back half of the largest share left, so a late or slow thread's
+// share is shared out, down to single items at the end. s comes from the threads an earlier call saw (the custom-op
+// API does not tell the pool's size); too few shares only means more stealing.
+class Shares {
+ public:
+  // n < 2^32 (a share is two 32-bit bounds in one atomic word).
+  Shares(size_t n, size_t s) : s_(s < 1 ? 1 : s > kMaxParallelTasks ? kMaxParallelTasks : s), id_(next_id()) {
+    for (size_t i = 0; i < s_; ++i) share_[i].r.store(pack(i * n / s_, (i + 1) * n / s_), std::memory_order_relaxed);
+  }
+
+  template <class Body>
+  void work(Body& body) {
+    thread_local uint64_t counted = 0;  // this thread's first task of this call counts it
+    if (counted != id_) counted = id_, seen_.fetch_add(1, std::memory_order_relaxed);
+    const size_t a = arrivals_.fetch_add(1, std::memory_order_relaxed);
+    if (a < s_) {
+      size_t i0, i1;
+      while (take(a, true, i0, i1)) body(i0, i1);
+    }
+    for (size_t v = largest(); v < s_; v = largest()) {
+      size_t i0, i1;
+      if (take(v, false, i0, i1)) body(i0, i1);
+    }
+  }
+  size_t threads_seen() const { return seen_.load(std::memory_order_relaxed); }
+
+ private:
+  static uint64_t next_id() {  // 1, 2, ...: an id per call, never reused (an address could be)
+    static std::atomic<uint64_t> ids{0};
+    return ids.fetch_add(1, std::memory_order_relaxed) + 1;
+  }
+  static uint64_t pack(size_t front, size_t back) { return uint64_t(front) << 32 | uint64_t(back); }
+  // A run from the front of share v (its owner) or the back half (a thief); false when the share is empty.
+  bool take(size_t v, bool front, size_t& i0, size_t& i1) {
+    uint64_t r = share_[v].r.load(std::memory_order_relaxed);
+    for (;;) {
+      const size_t f = r >> 32, b = r & 0xFFFFFFFFu;
+      if (f >= b) return false;
+      const size_t rest = b - f, n = front ? (rest / 4 > 1 ? rest / 4 : 1) : (rest / 2 > 1 ? rest / 2 : 1);
+      const uint64_t to = front ? pack(f + n, b) : pack(f, b - n);
+      if (share_[v].r.compare_exchange_weak(r, to, std::memory_order_relaxed)) {
+        i0 = front ? f : b - n, i1 = i0 + n;
+        return true;
+      }
+    }
+  }
+  size_t largest() const {  // the share with the most items left; s_ when none is left
+    size_t best = s_, most = 0;
+    for (size_t i = 0; i < s_; ++i) {
+      const uint64_t r = share_[i].r.load(std::memory_order_relaxed);
+      const size_t f = r >> 32, b = r & 0xFFFFFFFFu;
+      if (b > f && b - f > most) best = i, most = b - f;
+    }
+    return best;
+  }
+  struct alignas(64) Share {  // a line each: an owner's claims do not bounce its neighbours' lines
+    std::atomic<uint64_t> r;
+  };
+  Share share_[kMaxParallelTasks];
+  size_t s_;
+  uint64_t id_;
+  std::atomic<size_t> arrivals_{0}, seen_{0};
+};
+
+// Runs first(i0, i1) over guided runs covering [0, n1) (claim_runs), then then(i0, i1) over runs covering [0, n2)
+// taken from contiguous shares (Shares; their number from `threads`, which is raised to the threads this call saw),
+// on ORT's intra-op pool with min(max(n1, n2), kMaxParallelTasks) tasks. A task waits (yielding) until every first
+// item is done before taking a `then` run; with n1 = 0 there is no wait. No task waits for an item that is not being
+// run (an item is claimed by a running task), so this cannot deadlock. Neither body may throw.
 template <class First, class Then>
-void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n1, First& first, size_t n2, Then& then) {
-  std::atomic<size_t> next1{0}, done1{0}, next2{0};
+void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, std::atomic<size_t>& threads, size_t n1, First& first,
+                    size_t n2, Then& then) {
+  if (n2 >> 32) throw OpError("too many work items for one call");
+  std::atomic<size_t> next1{0}, done1{0};
+  Shares shares(n2, threads.load(std::memory_order_relaxed));
   auto counted = [&](size_t i0, size_t i1) {
     first(i0, i1);
     done1.fetch_add(i1 - i0, std::memory_order_release);
@@ -110,18 +180,20 @@ void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n1, First& 
   auto task = [&](size_t) {
     claim_runs(next1, n1, counted);
     while (done1.load(std::memory_order_acquire) < n1) std::this_thread::yield();
-    claim_runs(next2, n2, then);
+    shares.work(then);
   };
   const size_t n = n1 > n2 ? n1 : n2, tasks = n < kMaxParallelTasks ? n : kMaxParallelTasks;
   if (tasks <= 1) return task(0);
   auto tramp = [](void* p, size_t i) { (*static_cast<decltype(task)*>(p))(i); };
   check_ort(api, api->KernelContext_ParallelFor(ctx, tramp, tasks, 0, &task));
+  for (size_t seen = shares.threads_seen(), t = threads.load(std::memory_order_relaxed); seen > t;)
+    if (threads.compare_exchange_weak(t, seen, std::memory_order_relaxed)) break;
 }
 
 template <class Body>
-void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, size_t n, Body& body) {
+void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, std::atomic<size_t>& threads, size_t n, Body& body) {
   auto none = [](size_t, size_t) {};
-  parallel_claim(api, ctx, 0, none, n, body);
+  parallel_claim(api, ctx, threads, 0, none, n, body);
 }
 
 }  // namespace bmoe

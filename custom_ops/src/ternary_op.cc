@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu.h"
+#include "huge_pages.h"
 #include "op_def.h"
 #include "ort_glue.h"
 #include "ternary.h"
@@ -75,7 +76,7 @@ float* align64(float* p) { return p + (16 - reinterpret_cast<uintptr_t>(p) / siz
 // A constant W repacked at kernel creation in the LUT layout (ternary.h).
 struct LutWeights {
   size_t N = 0, J = 0, G = 0;
-  std::vector<uint32_t> w;  // G·J·16 words, block after block
+  HugeVector<uint32_t> w;  // G·J·16 words, block after block
   bool bad = false;         // an invalid code anywhere in W (reported by every Run)
 };
 
@@ -124,7 +125,7 @@ void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L
 
 // A constant W repacked at kernel creation as digit rows (ternary.h), for act_quant at small M.
 struct DigitWeights {
-  std::vector<uint8_t> d;  // N · digit_row_bytes(K)
+  HugeVector<uint8_t> d;  // N · digit_row_bytes(K)
   bool bad = false;        // an invalid code anywhere in W
 };
 
@@ -149,6 +150,14 @@ void digits_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, DigitWeigh
       D.d[n * Kd + b] = to_digits[x];
     }
   D.bad = bad != 0;
+}
+
+// The start of a run of weights a thread is about to stream, requested at once (into L2): the kernels prefetch a
+// fixed distance ahead of their loads (8-12 KiB), so without this a run's first bytes arrive one miss at a time.
+constexpr size_t kRunPrefetch = 12288;
+inline void prefetch_run(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t i = 0; i < std::min(bytes, kRunPrefetch); i += 64) __builtin_prefetch(c + i, 0, 2);
 }
 
 // Y = scale · Σ_b P_b on the LUT layout, for M ≤ kLutMaxM rows of A. Work items are the layout's items
@@ -194,6 +203,7 @@ struct LutProduct {
   void run(size_t i0, size_t i1, float* tab, size_t* tab_block) const {
     const size_t items_b = lut_items(lut.G), rows = lut.G * kLutRows, kl = kLutK * lut.J;
     const uint32_t B = static_cast<uint32_t>(lut_blocks(lut.J));
+    prefetch_run(item_words(i0), (item_words(i1) - item_words(i0)) * 4);
     for (size_t i = i0; i < i1; ++i) {
       const size_t b = i / items_b, g0 = i % items_b * kLutItem, ng = std::min(kLutItem, lut.G - g0);
       const size_t w = lut_width(lut.J, b);
@@ -201,7 +211,7 @@ struct LutProduct {
         for (size_t m = 0; m < M; ++m) kern.lut_tables(xa + m * kl + kLutK * kLutJb * b, w, tab + m * kTableFloats);
         *tab_block = b;
       }
-      const uint32_t* Wi = lut.w.data() + lut_block_word(lut.G, b) + g0 * w * kLutRows;
+      const uint32_t* Wi = item_words(i);
       for (size_t m = 0; m < M; ++m)
         kern.lut(tab + m * kTableFloats, w, Wi, ng, part + (b * M + m) * rows + g0 * kLutRows);
     }
@@ -215,6 +225,12 @@ struct LutProduct {
   }
 
  private:
+  // Item i's first word (items() past the last: the end of the layout).
+  const uint32_t* item_words(size_t i) const {
+    const size_t items_b = lut_items(lut.G), b = i / items_b;
+    if (b >= lut_blocks(lut.J)) return lut.w.data() + lut.w.size();
+    return lut.w.data() + lut_block_word(lut.G, b) + i % items_b * kLutItem * lut_width(lut.J, b) * kLutRows;
+  }
   // Y for the rows of item column c (groups c·kLutItem …), all B blocks' P present.
   void sum(size_t c) const {
     const size_t N = lut.N, B = lut_blocks(lut.J), rows = lut.G * kLutRows;
@@ -318,6 +334,7 @@ struct Kernel {
   Kernels kern;
   std::unique_ptr<LutWeights> lut;       // constant W in the LUT layout (exact), when the variant has a LUT path
   std::unique_ptr<DigitWeights> digits;  // constant W as digit rows (act_quant), when the variant has that path
+  mutable std::atomic<size_t> threads{1};  // the most threads a call has seen: the next calls' share count
 
   void compute(OrtKernelContext* ctx) const;
 };
@@ -418,7 +435,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
       if (t.call != call) t.call = call, t.b = SIZE_MAX;
       p.run(i0, i1, align64(t.buf.data()), &t.b);
     };
-    parallel_claim(api, ctx, p.items(), run);
+    parallel_claim(api, ctx, threads, p.items(), run);
     return;
   }
 
@@ -491,6 +508,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     auto task = [&](size_t t0, size_t t1) {
       if (use_digits) {
         const size_t n0 = t0 * NB, nc = std::min(N, t1 * NB) - n0;
+        prefetch_run(digits->d.data() + n0 * Kd, nc * Kd);
         kern.i8_digits(q, qscale, qsum, M, Kp, digits->d.data() + n0 * Kd, nc, sc + n0, Y + n0, N);
         return;
       }
@@ -508,7 +526,7 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     const size_t qitems = act_quant ? M * ranges : 0;
     const bool split = qitems > 2;
     if (!split) quantize(0, qitems);
-    parallel_claim(api, ctx, split ? qitems : 0, quantize, mt * nt, task);
+    parallel_claim(api, ctx, threads, split ? qitems : 0, quantize, mt * nt, task);
   } else if (!base3 && !use_digits) {  // no product to detect invalid codes during: scan the bytes
     const uint8_t* p = w2;
     unsigned acc = 0;
