@@ -192,8 +192,8 @@ def read_bytes(impl: str, k: int, n: int) -> int:
     impl = base_impl(impl)
     if impl == "ternary":  # exact M ≤ 4 reads the LUT-repacked weights (ternary.h): 4 B per 18 trits, 16-row groups
         return (n + 15) // 16 * 16 * (-(-k // 18)) * 4
-    if impl == "ternary_aq":  # the 2-bit rows
-        return n * (-(-k // 4))
+    if impl == "ternary_aq":  # digit rows (ternary.h): 2 bits a trit, in whole 256-trit chunks
+        return n * (-(-k // 256)) * 64
     if impl == "fp32":
         return 4 * k * n
     return n * (-(-k // 32)) * (16 + 4)  # MatMulNBits 4-bit: 16 B of codes and a float32 scale per block of 32

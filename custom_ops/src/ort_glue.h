@@ -100,7 +100,8 @@ void claim_runs(std::atomic<size_t>& next, size_t n, Body& body) {
 // stream: one prefetch ramp a call, and a kernel prefetching past a run's end fetches the next run's start. A thread
 // without a share, or done with its own, steals the back half of the largest share left, so a late or slow thread's
 // share is shared out, down to single items at the end. s comes from the threads an earlier call saw (the custom-op
-// API does not tell the pool's size); too few shares only means more stealing.
+// API does not tell the pool's size); too few shares only means more stealing. body(i0, i1, fresh): `fresh` unless
+// the run continues this thread's previous one (its start is not yet being prefetched).
 class Shares {
  public:
   // n < 2^32 (a share is two 32-bit bounds in one atomic word).
@@ -110,17 +111,17 @@ class Shares {
 
   template <class Body>
   void work(Body& body) {
-    thread_local uint64_t counted = 0;  // this thread's first task of this call counts it
-    if (counted != id_) counted = id_, seen_.fetch_add(1, std::memory_order_relaxed);
+    // ORT runs a thread's tasks one after another, and a task returns only when no item is left: this thread's
+    // later tasks of the call have nothing to do (and need not touch the shared counters).
+    thread_local uint64_t joined = 0;
+    if (joined == id_) return;
+    joined = id_;
+    seen_.fetch_add(1, std::memory_order_relaxed);
     const size_t a = arrivals_.fetch_add(1, std::memory_order_relaxed);
-    if (a < s_) {
-      size_t i0, i1;
-      while (take(a, true, i0, i1)) body(i0, i1);
-    }
-    for (size_t v = largest(); v < s_; v = largest()) {
-      size_t i0, i1;
-      if (take(v, false, i0, i1)) body(i0, i1);
-    }
+    size_t i0, i1;
+    for (bool fresh = true; a < s_ && take(a, true, i0, i1); fresh = false) body(i0, i1, fresh);
+    for (size_t v = largest(); v < s_; v = largest())
+      if (take(v, false, i0, i1)) body(i0, i1, true);
   }
   size_t threads_seen() const { return seen_.load(std::memory_order_relaxed); }
 
@@ -159,11 +160,11 @@ class Shares {
   Share share_[kMaxParallelTasks];
   size_t s_;
   uint64_t id_;
-  std::atomic<size_t> arrivals_{0}, seen_{0};
+  alignas(64) std::atomic<size_t> arrivals_{0}, seen_{0};  // not on the line of s_ and id_, read by every task
 };
 
-// Runs first(i0, i1) over guided runs covering [0, n1) (claim_runs), then then(i0, i1) over runs covering [0, n2)
-// taken from contiguous shares (Shares; their number from `threads`, which is raised to the threads this call saw),
+// Runs first(i0, i1) over guided runs covering [0, n1) (claim_runs), then then(i0, i1, fresh) over runs covering
+// [0, n2) taken from contiguous shares (Shares; their number from `threads`, which is raised to the threads this call saw),
 // on ORT's intra-op pool with min(max(n1, n2), kMaxParallelTasks) tasks. A task waits (yielding) until every first
 // item is done before taking a `then` run; with n1 = 0 there is no wait. No task waits for an item that is not being
 // run (an item is claimed by a running task), so this cannot deadlock. Neither body may throw.

@@ -198,12 +198,13 @@ struct LutProduct {
     }
   }
 
-  // Items [i0, i1). tab: M · kTableFloats floats, 64-byte aligned; *tab_block: the block whose tables it holds
+  // Items [i0, i1). fresh: the run does not continue this thread's previous one (its start is not being
+  // prefetched yet). tab: M · kTableFloats floats, 64-byte aligned; *tab_block: the block whose tables it holds
   // for this product (SIZE_MAX: none).
-  void run(size_t i0, size_t i1, float* tab, size_t* tab_block) const {
+  void run(size_t i0, size_t i1, bool fresh, float* tab, size_t* tab_block) const {
     const size_t items_b = lut_items(lut.G), rows = lut.G * kLutRows, kl = kLutK * lut.J;
     const uint32_t B = static_cast<uint32_t>(lut_blocks(lut.J));
-    prefetch_run(item_words(i0), (item_words(i1) - item_words(i0)) * 4);
+    if (fresh) prefetch_run(item_words(i0), (item_words(i1) - item_words(i0)) * 4);
     for (size_t i = i0; i < i1; ++i) {
       const size_t b = i / items_b, g0 = i % items_b * kLutItem, ng = std::min(kLutItem, lut.G - g0);
       const size_t w = lut_width(lut.J, b);
@@ -281,7 +282,7 @@ double time_decode(const Kernels& kern, bool act_quant) {
     if (!act_quant && kern.lut) {
       const LutProduct p(kern, lut, a.data(), K, 1, scale.data(), y.data(), buf.data(), counts.data());
       size_t tab_block = SIZE_MAX;
-      p.run(0, p.items(), tab, &tab_block);
+      p.run(0, p.items(), true, tab, &tab_block);
     } else if (act_quant) {
       const float qs = kern.abs_max(a.data(), K) / 127.f;  // a is not all zero
       const int32_t qsum = kern.quantize_range(a.data(), 0, K, K, qs, q.data());
@@ -426,14 +427,14 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     const LutProduct p(kern, *lut, a, k, M, sc, Y, scratch.data(), counts.data());
     static std::atomic<uint64_t> calls{0};
     const uint64_t call = ++calls;
-    auto run = [&](size_t i0, size_t i1) {
+    auto run = [&](size_t i0, size_t i1, bool fresh) {
       thread_local struct {  // this thread's tables: of block `b` in call `call` (a stale pair never matches)
         uint64_t call = 0;
         size_t b = SIZE_MAX;
         std::vector<float> buf = std::vector<float>(kLutMaxM * LutProduct::kTableFloats + 16);
       } t;
       if (t.call != call) t.call = call, t.b = SIZE_MAX;
-      p.run(i0, i1, align64(t.buf.data()), &t.b);
+      p.run(i0, i1, fresh, align64(t.buf.data()), &t.b);
     };
     parallel_claim(api, ctx, threads, p.items(), run);
     return;
@@ -505,10 +506,10 @@ void Kernel::compute(OrtKernelContext* ctx) const {
     size_t NB = use_digits ? 8 : std::max<size_t>({8, min_nb, (N + 63) / 64});
     if (M >= 3 && !use_digits) NB = (NB + 31) / 32 * 32;  // whole 32-row panels for the GEMM kernels (fp32 and int8)
     const size_t mt = (M + MB - 1) / MB, nt = (N + NB - 1) / NB, Kd = Kp / 4;
-    auto task = [&](size_t t0, size_t t1) {
+    auto task = [&](size_t t0, size_t t1, bool fresh) {
       if (use_digits) {
         const size_t n0 = t0 * NB, nc = std::min(N, t1 * NB) - n0;
-        prefetch_run(digits->d.data() + n0 * Kd, nc * Kd);
+        if (fresh) prefetch_run(digits->d.data() + n0 * Kd, nc * Kd);
         kern.i8_digits(q, qscale, qsum, M, Kp, digits->d.data() + n0 * Kd, nc, sc + n0, Y + n0, N);
         return;
       }
