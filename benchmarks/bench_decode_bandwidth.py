@@ -22,8 +22,8 @@ Two builds of the library in the same paired rounds: --lib old=path/to/old.so --
 
 --pin runs each thread count T on the last T distinct physical cores (one logical CPU of each, from sysfs), one thread
 per core: the calling thread on the first, ORT's T-1 pool threads on the others (session.intra_op_thread_affinities),
-and the streaming read's T threads one per core. (A set of T cores shared by T threads let two of them meet on one
-core now and then: on the 16-core host 2 threads ran at one thread's speed in most rounds, every column alike.)
+and the streaming read's T threads one per core, as a deployment would pin them. Before each timed run quiesce()
+waits until ORT's pool threads have stopped spinning (one spinning on a measured core halved a 2-thread read).
 
 Writes a markdown table to stdout and --out (default runs/bench/decode_bandwidth/<host>.md), and with --json every
 measured time; never into docs/.
