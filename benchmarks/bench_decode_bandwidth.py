@@ -8,7 +8,9 @@ node reads its weights from DRAM. Time per matmul = run time / R. Streaming read
 of 4 MiB chunks of one large float32 array, claimed from a shared counter (a SIMD reduction that releases the GIL;
 faster than np.sum's pairwise summation), the same T as the sessions' intra-op threads.
 Paired rounds: a shared host's bandwidth drifts over seconds, so per shape and T the read and every implementation
-are timed in turn, --reps rounds (the implementations' order rotating), and "% of read" is the median over rounds of
+are timed in turn, --reps rounds (the implementations' order rotating; each timed pass right after an untimed one
+on the same threads, as in a decode loop: a pass started on cores left idle ran much slower, read and kernels
+alike), and "% of read" is the median over rounds of
 each round's GB/s over that round's read, with its min-max. Medians of --reps runs with the min-max spread; the CPU,
 the LLC and the threads are printed.
 
@@ -289,11 +291,12 @@ def quiesce(limit: float = 1.0) -> None:
             return
 
 
-def stream_read_gbs(buf: np.ndarray, threads: int, cores: list[int] | None = None) -> float:
+def stream_read_gbs(buf: np.ndarray, threads: int, cores: list[int] | None = None, settle: bool = True) -> float:
     """GB/s of one pass over `buf` by T threads (with `cores`, thread i on cores[i]) taking np.max (a SIMD reduction
     that releases the GIL) of 4 MiB chunks claimed in order from a shared counter, released together by a barrier.
     Claimed, as the kernels' work is: with a fixed split the last of T threads to start set the time (Python
-    starts them one after another), which left the read below ORT's own MatMul at 8 threads."""
+    starts them one after another), which left the read below ORT's own MatMul at 8 threads. settle: quiesce()
+    first."""
     chunks = np.array_split(buf, max(threads, buf.nbytes >> 22))
     claims = itertools.count()  # next() on it is atomic under the GIL
     start = threading.Barrier(threads + 1)
@@ -309,7 +312,8 @@ def stream_read_gbs(buf: np.ndarray, threads: int, cores: list[int] | None = Non
     ts = [threading.Thread(target=read, args=(cores[i] if cores else None,)) for i in range(threads)]
     for t in ts:
         t.start()
-    quiesce()
+    if settle:
+        quiesce()
     start.wait()
     t0 = time.perf_counter()
     for t in ts:
@@ -421,9 +425,14 @@ def main() -> None:
             read_t: list[float] = []
             times: dict[str, list[float]] = {i: [] for i in impls}
             for rep in range(args.reps):  # paired rounds: the read, then each implementation, order rotating
-                read_t.append(stream_read_gbs(big, t, own))
+                # Each timed pass right after an untimed one on the same threads and cores (warm, as in a decode
+                # loop), the other sessions' pool threads idle (quiesce) before the pair.
+                quiesce()
+                stream_read_gbs(big, t, own, settle=False)
+                read_t.append(stream_read_gbs(big, t, own, settle=False))
                 for i in impls[rep % len(impls):] + impls[:rep % len(impls)]:
                     quiesce()
+                    sessions[i].run(None, a)
                     t0 = time.perf_counter()
                     sessions[i].run(None, a)
                     times[i].append((time.perf_counter() - t0) / graphs[i].nodes)
