@@ -164,10 +164,10 @@ class Shares {
 };
 
 // Runs first(i0, i1) over guided runs covering [0, n1) (claim_runs), then then(i0, i1, fresh) over runs covering
-// [0, n2) taken from contiguous shares (Shares; their number from `threads`, which is raised to the threads this call saw),
-// on ORT's intra-op pool with min(max(n1, n2), kMaxParallelTasks) tasks. A task waits (yielding) until every first
-// item is done before taking a `then` run; with n1 = 0 there is no wait. No task waits for an item that is not being
-// run (an item is claimed by a running task), so this cannot deadlock. Neither body may throw.
+// [0, n2) taken from contiguous shares (Shares; as many as `threads`, which is raised to the threads this call
+// saw), on ORT's intra-op pool with min(max(n1, n2), kMaxParallelTasks) tasks. A task waits (yielding) until every
+// first item is done before taking a `then` run; with n1 = 0 there is no wait. No task waits for an item that is not
+// being run (an item is claimed by a running task), so this cannot deadlock. Neither body may throw.
 template <class First, class Then>
 void parallel_claim(const OrtApi* api, OrtKernelContext* ctx, std::atomic<size_t>& threads, size_t n1, First& first,
                     size_t n2, Then& then) {
