@@ -31,6 +31,12 @@ using F32Kernel = bool (*)(const float* A, size_t M, size_t Kp, const uint8_t* W
 using I8Kernel = bool (*)(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t M, size_t Kp,
                           const uint8_t* W, size_t Kb, size_t N, const float* scale, float* Y, size_t ldy);
 
+// Σ_k d·Q − qsum in wrapping int32 (the I8Kernel contract): Σ d·Q passes 2^31 for K near 8.5e6 while the
+// difference, Σ t·Q, fits. Unsigned, because signed overflow in C++ is undefined.
+inline int32_t minus_qsum(int32_t sum, int32_t qsum) {
+  return static_cast<int32_t>(static_cast<uint32_t>(sum) - static_cast<uint32_t>(qsum));
+}
+
 // act_quant's row quantization (docs/ops.md) in two steps, so that the second can be split over threads:
 // abs_max(a, K) = max|a[k]| (NaN skipped); then, with s = abs_max / 127 > 0, quantize_range(a, k0, k1, K, s, q)
 // writes q[qpos(k)] = round(a[k] / s) clamped for k in [k0, k1) (k0, k1: multiples of 16; zeros for k ≥ K) and

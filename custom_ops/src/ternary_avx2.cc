@@ -84,7 +84,7 @@ void rows_i8(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t K
       }
     }
   }
-  for (int m = 0; m < R; ++m) Y[m * ldy] = qscale[m] * sc * static_cast<float>(hsum(acc[m]) - qsum[m]);
+  for (int m = 0; m < R; ++m) Y[m * ldy] = qscale[m] * sc * static_cast<float>(minus_qsum(hsum(acc[m]), qsum[m]));
 }
 
 }  // namespace

@@ -68,7 +68,7 @@ void rows_i8(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t K
     }
   }
   for (int m = 0; m < R; ++m)
-    Y[m * ldy] = qscale[m] * sc * static_cast<float>(_mm512_reduce_add_epi32(acc[m]) - qsum[m]);
+    Y[m * ldy] = qscale[m] * sc * static_cast<float>(minus_qsum(hsum_epi32(acc[m]), qsum[m]));
 }
 
 // ---- Exact fp32, M ≥ kGemmMinM: GEMM micro-kernel on a decoded panel.

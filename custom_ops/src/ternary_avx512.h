@@ -20,6 +20,15 @@ inline __m128i flag_bad(__m128i acc, __m128i x) { return _mm_or_si128(acc, _mm_a
 inline __m512i flag_bad64(__m512i acc, __m512i x) { return _mm512_ternarylogic_epi32(acc, x, _mm512_srli_epi16(x, 1), 0xF8); }
 inline bool any_bad64(__m512i acc) { return _mm512_test_epi8_mask(acc, _mm512_set1_epi8(0x55)) != 0; }
 
+// Σ of the 16 int32 lanes, wrapping, in vector adds only (GCC's _mm512_reduce_add_epi32 ends in a signed scalar add,
+// undefined on overflow, and act_quant's Σ d·Q may pass 2^31: see minus_qsum).
+inline int32_t hsum_epi32(__m512i v) {
+  const __m256i a = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
 // Bytes t+1 ∈ {0,1,2} of the trits at shift 2s of 64 packed bytes (qpos order).
 inline __m512i decode_u8(__m512i x, int s) {
   const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0));

@@ -35,7 +35,7 @@ void rows_vnni(const int8_t* Q, const float* qscale, const int32_t* qsum, size_t
   }
   for (int m = 0; m < R; ++m) {
     for (int j = 1; j < NA; ++j) acc[m][0] = _mm512_add_epi32(acc[m][0], acc[m][j]);
-    Y[m * ldy] = qscale[m] * sc * static_cast<float>(_mm512_reduce_add_epi32(acc[m][0]) - qsum[m]);
+    Y[m * ldy] = qscale[m] * sc * static_cast<float>(minus_qsum(hsum_epi32(acc[m][0]), qsum[m]));
   }
 }
 
@@ -81,8 +81,7 @@ void rows_digits(const int8_t* Q, const float* qscale, const int32_t* qsum, size
         tot[m] = _mm512_add_epi32(tot[m], _mm512_srai_epi32(_mm512_add_epi32(acc[m][s], acc2[m][s]), 2 * s));
   }
   for (int m = 0; m < R; ++m) {
-    const uint32_t sum = static_cast<uint32_t>(_mm512_reduce_add_epi32(tot[m])) - static_cast<uint32_t>(qsum[m]);
-    Y[m * ldy] = qscale[m] * sc * static_cast<float>(static_cast<int32_t>(sum));
+    Y[m * ldy] = qscale[m] * sc * static_cast<float>(minus_qsum(hsum_epi32(tot[m]), qsum[m]));
   }
 }
 
