@@ -44,6 +44,8 @@ VARIANTS = [
     ("embed int4", "fp32", {"embed": "int4"}),
     ("attn+proj int4, embed int8 (default combination)", "fp32", {"attn": "int4", "proj": "int4", "embed": "int8"}),
     ("attn+proj int4, embed int4", "fp32", {"attn": "int4", "proj": "int4", "embed": "int4"}),
+    ("act_quant (int8 activations into TernaryMatMul)", "fp32", {"act_quant": True}),
+    ("default combination + act_quant", "fp32", {"attn": "int4", "proj": "int4", "embed": "int8", "act_quant": True}),
     ("QAT: fp32 export (trits·scale dense)", "qat", {}),
     ("QAT: attn+proj ternary", "qat", {"attn": "ternary", "proj": "ternary"}),
     ("QAT: attn+proj ternary, embed int8", "qat", {"attn": "ternary", "proj": "ternary", "embed": "int8"}),
@@ -80,7 +82,11 @@ def decode_tok_s(out: Path, threads: int, prompt: list[int], n: int) -> tuple[fl
 
 def quality(args) -> dict:
     ckpts = {"fp32": args.fp32, "qat": args.qat}
-    variants = [v for v in VARIANTS if ckpts[v[1]]]
+    # each checkpoint's first variant (its plain export, the base of its ratios) always, the others when --only
+    # names them (all by default)
+    bases = {next(v[0] for v in VARIANTS if v[1] == which) for which in ckpts}
+    variants = [v for v in VARIANTS if ckpts[v[1]] and (v[0] in bases or not args.only or
+                                                         any(o in v[0] for o in args.only.split(",")))]
     _, tok, ckpt = load_model(args.fp32)
     text = load_corpus(args.data).valid
     ids = np.asarray(tok.encode(text), np.int64)[:args.max_tokens or None]
@@ -200,6 +206,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=0, help="score only the first N validation tokens (0: all)")
     ap.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="instead: untrained models of this shape")
     ap.add_argument("--experts", type=int, default=256, help="with --synthetic")
+    ap.add_argument("--only", help="comma-separated substrings: score only the variants whose name has one")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.synthetic:
