@@ -76,7 +76,7 @@ void parallel_for(const OrtApi* api, OrtKernelContext* ctx, size_t n, Task& task
 
 // More tasks than any device has cores. The custom-op API does not tell the pool's size, and guessing it (e.g. from
 // this thread's CPU affinity, which a caller may change between sessions) once left an 8-thread pool running one
-// task. ORT hands tasks to its threads dynamically, so a surplus task costs only a failed claim.
+// task. A surplus task costs little: ORT runs it on a thread that has already emptied the work (Shares::work).
 inline constexpr size_t kMaxParallelTasks = 64;
 
 // Divisor of guided claiming: a claim takes 1/kClaimDivisor of the items left (at least one).

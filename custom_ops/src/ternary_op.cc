@@ -77,7 +77,7 @@ float* align64(float* p) { return p + (16 - reinterpret_cast<uintptr_t>(p) / siz
 struct LutWeights {
   size_t N = 0, J = 0, G = 0;
   HugeVector<uint32_t> w;  // G·J·16 words, block after block
-  bool bad = false;         // an invalid code anywhere in W (reported by every Run)
+  bool bad = false;        // an invalid code anywhere in W (reported by every Run)
 };
 
 // Largest M for which the LUT path is used (it costs one full pass over W per row of A).
@@ -126,7 +126,7 @@ void lut_repack(const uint8_t* w2, size_t N, size_t Kb2, size_t K, LutWeights& L
 // A constant W repacked at kernel creation as digit rows (ternary.h), for act_quant at small M.
 struct DigitWeights {
   HugeVector<uint8_t> d;  // N · digit_row_bytes(K)
-  bool bad = false;        // an invalid code anywhere in W
+  bool bad = false;       // an invalid code anywhere in W
 };
 
 // Repacks 2-bit rows (N × Kb2 bytes, K trits each). Flags a code 11 anywhere, padding included.
