@@ -291,12 +291,12 @@ def quiesce(limit: float = 1.0) -> None:
             return
 
 
-def stream_read_gbs(buf: np.ndarray, threads: int, cores: list[int] | None = None, settle: bool = True) -> float:
+def stream_read_gbs(buf: np.ndarray, threads: int, cores: list[int] | None = None) -> float:
     """GB/s of one pass over `buf` by T threads (with `cores`, thread i on cores[i]) taking np.max (a SIMD reduction
     that releases the GIL) of 4 MiB chunks claimed in order from a shared counter, released together by a barrier.
     Claimed, as the kernels' work is: with a fixed split the last of T threads to start set the time (Python
-    starts them one after another), which left the read below ORT's own MatMul at 8 threads. settle: quiesce()
-    first."""
+    starts them one after another), which left the read below ORT's own MatMul at 8 threads. The caller decides
+    whether the process must be idle first (quiesce)."""
     chunks = np.array_split(buf, max(threads, buf.nbytes >> 22))
     claims = itertools.count()  # next() on it is atomic under the GIL
     start = threading.Barrier(threads + 1)
@@ -312,8 +312,6 @@ def stream_read_gbs(buf: np.ndarray, threads: int, cores: list[int] | None = Non
     ts = [threading.Thread(target=read, args=(cores[i] if cores else None,)) for i in range(threads)]
     for t in ts:
         t.start()
-    if settle:
-        quiesce()
     start.wait()
     t0 = time.perf_counter()
     for t in ts:
@@ -428,8 +426,8 @@ def main() -> None:
                 # Each timed pass right after an untimed one on the same threads and cores (warm, as in a decode
                 # loop), the other sessions' pool threads idle (quiesce) before the pair.
                 quiesce()
-                stream_read_gbs(big, t, own, settle=False)
-                read_t.append(stream_read_gbs(big, t, own, settle=False))
+                stream_read_gbs(big, t, own)
+                read_t.append(stream_read_gbs(big, t, own))
                 for i in impls[rep % len(impls):] + impls[:rep % len(impls)]:
                     quiesce()
                     sessions[i].run(None, a)

@@ -230,7 +230,7 @@ struct LutProduct {
   const uint32_t* item_words(size_t i) const {
     const size_t items_b = lut_items(lut.G), b = i / items_b;
     if (b >= lut_blocks(lut.J)) return lut.w.data() + lut.w.size();
-    return lut.w.data() + lut_block_word(lut.G, b) + i % items_b * kLutItem * lut_width(lut.J, b) * kLutRows;
+    return lut.w.data() + lut_word(lut.J, lut.G, b, i % items_b * kLutItem, 0, 0);
   }
   // Y for the rows of item column c (groups c·kLutItem …), all B blocks' P present.
   void sum(size_t c) const {
